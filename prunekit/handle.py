@@ -1,0 +1,50 @@
+"""What the neutral core needs from a backend's model: the :class:`ModelHandle` contract.
+
+Each backend implements it in ``backends/<name>/layers.py``. Names are the shared parameter
+names (PyTorch's dotted paths, e.g. ``layer1.0.conv1.weight``); BatchNorm entries use
+``weight``, ``bias``, ``running_mean``, ``running_var`` on both backends.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Dict, List
+
+import numpy as np
+
+from .layers import LayerInfo
+from .ops import Ops, Tensor
+
+
+class ModelHandle(abc.ABC):
+    ops: Ops
+    layers: List[LayerInfo]
+    model_name: str
+
+    @abc.abstractmethod
+    def weight(self, layer: str) -> Tensor:
+        """The current weight tensor of a prunable layer (shared layout, on the model's device)."""
+
+    @abc.abstractmethod
+    def set_weight(self, layer: str, value: Tensor) -> None:
+        """Overwrite the weight of a prunable layer in place (no new Parameter)."""
+
+    @abc.abstractmethod
+    def mul_weight_(self, layer: str, mask: Tensor) -> None:
+        """Multiply the weight of a prunable layer by ``mask`` in place."""
+
+    @abc.abstractmethod
+    def state_numpy(self) -> Dict[str, np.ndarray]:
+        """All parameters and BN statistics as NumPy arrays under the shared names."""
+
+    @abc.abstractmethod
+    def load_state_numpy(self, state: Dict[str, np.ndarray], strict: bool = True) -> None:
+        """Load arrays by shared name; with ``strict`` every name and shape must match."""
+
+    def layer(self, name: str) -> LayerInfo:
+        for l in self.layers:
+            if l.name == name:
+                return l
+        raise KeyError(name)
+
+    def weights_numpy(self) -> Dict[str, np.ndarray]:
+        return {l.name: self.ops.to_numpy(self.weight(l.name)) for l in self.layers}
