@@ -38,8 +38,8 @@ def check_model_name(name: str) -> str:
 def init_array(name: str, shape: Tuple[int, ...], seed: int, is_bn: bool) -> np.ndarray:
     """The initial value of one parameter or buffer, from its shared name.
 
-    Conv and linear weights: Kaiming normal, fan-out for convs (as torchvision's ResNets),
-    fan-in for linear. BN: weight 1, bias 0, running mean 0, running var 1. Biases 0.
+    Conv weights: Kaiming normal with fan-out (as torchvision's ResNets). Linear weights:
+    normal with std 1/sqrt(fan-in) (the variance of PyTorch's default uniform init, times 3). BN: weight 1, bias 0, running mean 0, running var 1. Biases 0.
     """
     shape = tuple(int(d) for d in shape)
     leaf = name.rsplit(".", 1)[-1]
@@ -49,10 +49,9 @@ def init_array(name: str, shape: Tuple[int, ...], seed: int, is_bn: bool) -> np.
         return np.zeros(shape, np.float32)
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(name.encode())])
     if len(shape) == 4:
-        fan = shape[0] * shape[2] * shape[3]
+        std = np.sqrt(2.0 / max(1, shape[0] * shape[2] * shape[3]))
     else:
-        fan = shape[1]
-    std = np.sqrt(2.0 / max(1, fan))
+        std = np.sqrt(1.0 / max(1, shape[1]))
     return (rng.standard_normal(shape) * std).astype(np.float32)
 
 

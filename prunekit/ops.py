@@ -60,6 +60,10 @@ class Ops(abc.ABC):
         """Uniform [0, 1) samples from the framework's own generator seeded with ``seed``."""
 
     @abc.abstractmethod
+    def parameter(self, data, name: str) -> Tensor:
+        """A trainable parameter (``nn.Parameter`` / ``mindspore.Parameter``) from a NumPy array."""
+
+    @abc.abstractmethod
     def cast(self, x: Tensor, dtype: str) -> Tensor: ...
 
     @abc.abstractmethod

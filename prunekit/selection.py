@@ -7,12 +7,15 @@ frameworks): find the k-th largest *value* v, keep every score > v, then keep th
 equal to v in ascending index order until k are kept. With identical scores in, every backend
 therefore returns identical masks.
 
-Rank choices from singular values are made on the host in float64 (the spectra are small), so
-tiny float32 differences between backends cannot move a decision that is not on a knife edge.
+Rank choices from singular values are made on the host in float64 (the spectra are small). A
+threshold met to within ``RANK_TOLERANCE`` counts as met, so the float32 noise between two
+backends' SVDs (about 1e-7 relative) cannot move a rank that sits exactly on a threshold
+(e.g. equal singular values with an energy target that is a multiple of 1/n).
 """
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Dict, List, Sequence
 
 import numpy as np
@@ -20,14 +23,19 @@ import numpy as np
 from .errors import ConfigError
 from .ops import Ops, Tensor
 
+#: slack for energy / residual-energy comparisons in rank choices (relative to total energy)
+RANK_TOLERANCE = 1e-6
+
 
 def keep_count(n: int, sparsity: float) -> int:
     """How many of ``n`` entries a target ``sparsity`` keeps: ``round(n * (1 - sparsity))``.
 
-    Rounded half up in exact arithmetic on the density so that both backends agree.
+    Rounded half up in exact arithmetic on the density so that both backends agree. The
+    sparsity is taken as the decimal Python prints for it (0.3 means 3/10, not the binary
+    float just below it), so a half point such as 45 * 0.7 = 31.5 rounds up as documented.
     """
-    check_sparsity(sparsity)
-    return int(math.floor(n * (1.0 - sparsity) + 0.5))
+    density = 1 - Fraction(repr(check_sparsity(sparsity)))
+    return int(math.floor(n * density + Fraction(1, 2)))
 
 
 def check_sparsity(sparsity: float, name: str = "sparsity") -> float:
@@ -105,7 +113,7 @@ def energy_rank(singular_values, energy: float) -> int:
     if total <= 0.0:
         return 0
     cum = np.cumsum(e) / total
-    hits = np.nonzero(cum >= energy - 1e-12)[0]
+    hits = np.nonzero(cum >= energy - RANK_TOLERANCE)[0]
     return int(hits[0] + 1) if hits.size else int(s.size)
 
 
@@ -129,5 +137,5 @@ def residual_rank(singular_values, partial_k: float) -> int:
     residual = np.maximum(residual, 0.0)
     dist = np.abs(residual - partial_k)
     best = dist.min()
-    candidates = np.nonzero(dist <= best + 1e-12)[0]
+    candidates = np.nonzero(dist <= best + RANK_TOLERANCE)[0]
     return int(candidates.max())

@@ -5,6 +5,7 @@ from .models import build_model
 from .ops import TorchOps
 
 NAME = "torch"
+Ops = TorchOps
 
 
 def model_handle(name: str, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, seed: int = 0,

@@ -57,6 +57,9 @@ class TorchOps(Ops):
         g = torch.Generator(device=dev).manual_seed(int(seed))
         return torch.rand(tuple(shape), generator=g, device=dev)
 
+    def parameter(self, data, name):
+        return torch.nn.Parameter(torch.as_tensor(np.asarray(data, dtype=np.float32)))
+
     def cast(self, x, dtype):
         return x.to(_DTYPES[dtype])
 

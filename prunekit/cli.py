@@ -1,0 +1,90 @@
+"""The ``prunekit`` command.
+
+    prunekit run --backend torch --model resnet20 --dataset cifar10 --sparsity 0.9
+    prunekit conformance [--backends torch,mindspore] [--out conformance-results]
+    prunekit list
+
+Errors that prunekit raises on purpose (bad settings, missing data, mismatched plans) are
+printed as one line, ``prunekit: error: ...``, with exit status 2; nothing is written first.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import List, Optional
+
+from .errors import PrunekitError
+from .job import RunConfig, run
+
+
+def _none_or_int(text: str):
+    return None if str(text).lower() in ("none", "all", "0") else int(text)
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    d = RunConfig()
+    p.add_argument("--backend", default=d.backend, help="torch or mindspore (default %(default)s)")
+    p.add_argument("--model", default=d.model, help="reference model, see `prunekit list` (default %(default)s)")
+    p.add_argument("--dataset", default=d.dataset, help="cifar10, mnist or fashion_mnist (default %(default)s)")
+    p.add_argument("--data-root", default=None, help="data folder (cifar-10-batches-py, the JPEG zips, or idx files)")
+    p.add_argument("--algorithm", default=d.algorithm, help="pruning algorithm (default %(default)s)")
+    p.add_argument("--sparsity", type=float, default=d.sparsity, help="final sparsity in [0, 1) (default %(default)s)")
+    p.add_argument("--granularity", default=d.granularity, choices=["unstructured", "channel"])
+    p.add_argument("--scope", default=d.scope, choices=["global", "layer"])
+    p.add_argument("--schedule", default=d.schedule, help="cubic, exponential or oneshot (default %(default)s)")
+    p.add_argument("--frequency", type=int, default=d.frequency,
+                   help="steps between mask updates (default: 10 updates over the schedule)")
+    p.add_argument("--dense-epochs", type=int, default=d.dense_epochs)
+    p.add_argument("--prune-epochs", type=int, default=d.prune_epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--optimizer", default=d.optimizer, help="sgd or adam")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--train-limit", type=_none_or_int, default=d.train_limit,
+                   help="training images used, class-balanced ('all' for the full set; default %(default)s)")
+    p.add_argument("--test-limit", type=_none_or_int, default=d.test_limit)
+    p.add_argument("--no-augment", dest="augment", action="store_false")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=None, help="e.g. cuda or cpu (PyTorch); default: CPU")
+    p.add_argument("--out", default=d.out, help="output folder (default %(default)s)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="prunekit", description="Neural-network pruning on PyTorch and MindSpore.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_args(sub.add_parser("run", help="train, prune and report on a reference model"))
+    conf = sub.add_parser("conformance", help="check that the backends make identical decisions")
+    conf.add_argument("--backends", default="torch,mindspore")
+    conf.add_argument("--out", default="conformance-results")
+    conf.add_argument("-k", dest="select", default=None, help="run only cases whose name contains this text")
+    sub.add_parser("list", help="list models, algorithms, backends and datasets")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            fields = {f.name for f in dataclasses.fields(RunConfig)}
+            cfg = RunConfig(**{k: v for k, v in vars(args).items() if k in fields})
+            run(cfg)
+            return 0
+        if args.command == "conformance":
+            from conformance.runner import main as conformance_main
+            return conformance_main([b for b in args.backends.split(",") if b], args.out, args.select)
+        if args.command == "list":
+            from .algorithms import ALGORITHMS, PLANNED
+            from .backend import BACKENDS
+            from .data import DATASETS
+            from .models import MODELS
+            print("models:     " + ", ".join(MODELS))
+            print("algorithms: " + ", ".join(ALGORITHMS) + f" (planned: {', '.join(PLANNED)})")
+            print("backends:   " + ", ".join(BACKENDS))
+            print("datasets:   " + ", ".join(DATASETS))
+            return 0
+    except PrunekitError as e:
+        print(f"prunekit: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

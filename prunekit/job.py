@@ -1,0 +1,177 @@
+"""The main job: train a reference model on real data, prune it, measure it, write a report.
+
+Phases, on the chosen backend:
+1. dense training for ``dense_epochs`` (skipped when 0), then test accuracy "before pruning";
+2. pruning for ``prune_epochs``: the algorithm's schedule runs over the first
+   ``end_fraction`` of this phase and the rest fine-tunes at the final masks;
+3. test accuracy "after pruning", a report measured from the model's weights, the pruning
+   plan (JSON + npz) and the final weights (npz) in the output folder.
+
+Every setting is validated before data is read or a file is written.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from . import data as datasets
+from .algorithms import ALGORITHMS, make_algorithm
+from .backend import check_backend_name, get_backend
+from .errors import ConfigError
+from .models import check_model_name
+from .report import build_report, format_report, save_report
+from .selection import check_sparsity
+
+
+@dataclass
+class RunConfig:
+    backend: str = "torch"
+    model: str = "resnet20"
+    dataset: str = "cifar10"
+    data_root: Optional[str] = None
+    algorithm: str = "magnitude"
+    sparsity: float = 0.9
+    granularity: str = "unstructured"
+    scope: str = "global"
+    schedule: str = "cubic"
+    frequency: Optional[int] = None  # steps between mask updates; None: 10 updates over the schedule
+    end_fraction: float = 0.6
+    dense_epochs: int = 3
+    prune_epochs: int = 3
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    optimizer: str = "sgd"
+    train_limit: Optional[int] = 10000
+    test_limit: Optional[int] = 2000
+    augment: bool = True
+    seed: int = 0
+    device: Optional[str] = None
+    out: str = "runs/latest"
+    progress: bool = True
+
+    def validate(self) -> "RunConfig":
+        self.backend = check_backend_name(self.backend)
+        self.model = check_model_name(self.model)
+        if str(self.algorithm).lower() not in ALGORITHMS:
+            make_algorithm(self.algorithm)  # raises the right "unknown"/"not yet" error
+        self.algorithm = str(self.algorithm).lower()
+        self.sparsity = check_sparsity(self.sparsity)
+        self.dataset = datasets.check_dataset_name(self.dataset)
+        for key in ("dense_epochs", "prune_epochs"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or v < 0:
+                raise ConfigError(f"{key} must be a non-negative integer, got {v!r}")
+        if self.prune_epochs < 1:
+            raise ConfigError(f"prune_epochs must be >= 1 to prune, got {self.prune_epochs}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        for key in ("train_limit", "test_limit"):
+            v = getattr(self, key)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{key} must be a positive integer or None, got {v!r}")
+        # builds the algorithm config once, so its own checks (granularity, scope, ...) run now
+        self.algorithm_kwargs()
+        return self
+
+    def algorithm_kwargs(self, prune_steps: int = 1000) -> dict:
+        from .algorithms.magnitude import MagnitudeConfig
+        frequency = self.frequency
+        if frequency is None:
+            frequency = max(1, int(self.end_fraction * prune_steps) // 10)
+        return {"config": MagnitudeConfig(sparsity=self.sparsity, granularity=self.granularity, scope=self.scope,
+                                          schedule=self.schedule, frequency=frequency,
+                                          end_fraction=self.end_fraction)}
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # progress is a nicety, not a dependency
+        return None
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
+
+
+def _train_epochs(trainer, ds, cfg: RunConfig, epochs: int, first_epoch: int, desc: str, algorithm=None) -> float:
+    steps_per_epoch = datasets.num_batches(len(ds.y_train), cfg.batch_size)
+    bar = _progress(epochs * steps_per_epoch, desc, cfg.progress)
+    t0 = time.perf_counter()
+    loss = None
+    for epoch in range(first_epoch, first_epoch + epochs):
+        for i, (x, y) in enumerate(datasets.batches(ds.x_train, ds.y_train, cfg.batch_size, seed=cfg.seed, epoch=epoch,
+                                                     augment=cfg.augment and ds.name == "cifar10",
+                                                     mean=ds.mean, std=ds.std)):
+            loss = trainer.train_step(x, y)
+            if bar is not None:
+                bar.update(1)
+                if i % 10 == 0:
+                    post = {"epoch": epoch, "loss": f"{float(loss):.3f}"}
+                    if algorithm is not None:
+                        post["sparsity"] = f"{getattr(algorithm, 'current_sparsity', 0.0):.2%}"
+                    bar.set_postfix(post)
+    if bar is not None:
+        bar.close()
+    return time.perf_counter() - t0
+
+
+def _evaluate(trainer, ds, cfg: RunConfig) -> float:
+    _, acc = trainer.evaluate(datasets.batches(ds.x_test, ds.y_test, 256, seed=cfg.seed, epoch=0, shuffle=False,
+                                               drop_last=False, mean=ds.mean, std=ds.std))
+    return acc
+
+
+def run(cfg: RunConfig, echo=print) -> dict:
+    """Run the whole job; returns the report (also saved under ``cfg.out``)."""
+    cfg.validate()
+    backend = get_backend(cfg.backend)
+    ds = datasets.load_dataset(cfg.dataset, root=cfg.data_root, train_limit=cfg.train_limit, test_limit=cfg.test_limit)
+    handle = backend.model_handle(cfg.model, ds.num_classes, ds.in_channels, ds.image_size, seed=cfg.seed,
+                                  device=cfg.device)
+    steps_per_epoch = datasets.num_batches(len(ds.y_train), cfg.batch_size)
+    if steps_per_epoch < 1:
+        raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(ds.y_train)} training images")
+    echo(f"{cfg.model} on {cfg.dataset} ({len(ds.y_train)} train / {len(ds.y_test)} test images), backend {cfg.backend}, "
+         f"{len(handle.layers)} prunable layers")
+
+    accuracy = {}
+    dense_seconds = 0.0
+    if cfg.dense_epochs:
+        dense = backend.Trainer(handle, None, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay,
+                                total_steps=cfg.dense_epochs * steps_per_epoch)
+        dense_seconds = _train_epochs(dense, ds, cfg, cfg.dense_epochs, 0, "dense training")
+        accuracy["before_pruning"] = _evaluate(dense, ds, cfg)
+        echo(f"test accuracy before pruning: {accuracy['before_pruning']:.2%}")
+
+    prune_steps = cfg.prune_epochs * steps_per_epoch
+    algorithm = make_algorithm(cfg.algorithm, **cfg.algorithm_kwargs(prune_steps))
+    lr = cfg.lr if not cfg.dense_epochs else cfg.lr * 0.5
+    trainer = backend.Trainer(handle, algorithm, cfg.optimizer, lr, cfg.momentum, cfg.weight_decay,
+                              total_steps=prune_steps)
+    prune_seconds = _train_epochs(trainer, ds, cfg, cfg.prune_epochs, cfg.dense_epochs, f"pruning ({cfg.algorithm})",
+                                  algorithm)
+    trainer.finish()
+    accuracy["after_pruning"] = _evaluate(trainer, ds, cfg)
+
+    run_info = {"backend": cfg.backend, "algorithm": cfg.algorithm, "dataset": cfg.dataset,
+                "train_images": int(len(ds.y_train)), "test_images": int(len(ds.y_test)),
+                "target_sparsity": cfg.sparsity, "granularity": cfg.granularity, "scope": cfg.scope,
+                "schedule": cfg.schedule, "dense_epochs": cfg.dense_epochs, "prune_epochs": cfg.prune_epochs,
+                "steps": (cfg.dense_epochs + cfg.prune_epochs) * steps_per_epoch,
+                "train_seconds": round(dense_seconds + prune_seconds, 1), "seed": cfg.seed}
+    report = build_report(handle, accuracy, run_info)
+    os.makedirs(cfg.out, exist_ok=True)
+    paths = save_report(report, cfg.out)
+    plan_paths = algorithm.plan().save(os.path.join(cfg.out, "plan"))
+    np.savez_compressed(os.path.join(cfg.out, "weights.npz"), **handle.state_numpy())
+    echo(format_report(report))
+    echo(f"report: {paths['markdown']}, {paths['json']}; plan: {plan_paths[0]}; weights: {os.path.join(cfg.out, 'weights.npz')}")
+    return report

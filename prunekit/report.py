@@ -1,0 +1,105 @@
+"""Pruning reports: measured from the model, printed as a table, saved as JSON and Markdown.
+
+Nothing in a report is copied from the request: sparsity, parameters and FLOPs are counted
+from the weights the model holds when the report is made (:mod:`prunekit.flops`); accuracies
+are evaluated on held-out data by the caller and passed in. The requested target is shown
+beside the measured value, labelled as such.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Optional
+
+from .flops import count_model
+
+
+def build_report(handle, accuracy: Optional[Dict[str, float]] = None, run: Optional[dict] = None) -> dict:
+    counts = count_model(handle.layers, handle.weights_numpy(), handle.state_numpy())
+    layers = counts.pop("layers")
+    return {
+        "run": dict(run or {}),
+        "model": handle.model_name,
+        "backend": handle.ops.name,
+        "accuracy": dict(accuracy or {}),
+        "totals": counts,
+        "layers": [c.to_dict() for c in layers],
+    }
+
+
+def _fmt_count(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def format_report(report: dict, max_layers: int = 60) -> str:
+    t = report["totals"]
+    lines = []
+    run = report.get("run", {})
+    head = f"prunekit report: {report['model']} on {report['backend']}"
+    if run.get("algorithm"):
+        head += f", {run['algorithm']}"
+    if run.get("dataset"):
+        head += f", {run['dataset']}"
+    lines.append(head)
+    lines.append(f"{'layer':<28} {'kind':<6} {'shape':<18} {'params':>9} {'nonzero':>9} {'sparsity':>8} {'MACs':>9}")
+    rows = report["layers"]
+    shown = rows if len(rows) <= max_layers else rows[:max_layers]
+    for r in shown:
+        shape = "x".join(str(d) for d in r["weight_shape"])
+        lines.append(f"{r['name']:<28} {r['kind']:<6} {shape:<18} {r['params']:>9} {r['nonzero']:>9} "
+                     f"{r['sparsity']:>8.2%} {_fmt_count(r['effective_macs']):>9}")
+    if len(rows) > len(shown):
+        lines.append(f"... {len(rows) - len(shown)} more layers in the JSON report")
+    lines.append("")
+    target = run.get("target_sparsity")
+    tgt = f" (target {target:.2%})" if isinstance(target, (int, float)) else ""
+    lines.append(f"prunable weights: {t['prunable_nonzero']:,} of {t['prunable_params']:,} non-zero, "
+                 f"sparsity {t['prunable_sparsity']:.2%}{tgt}")
+    lines.append(f"all parameters:   {t['total_nonzero']:,} of {t['total_params']:,} non-zero")
+    lines.append(f"FLOPs (MACs/sample): dense {_fmt_count(t['dense_macs'])}, effective {_fmt_count(t['effective_macs'])} "
+                 f"({t['macs_kept_fraction']:.2%} kept)")
+    acc = report.get("accuracy", {})
+    if acc:
+        lines.append("accuracy:         " + ", ".join(f"{k} {v:.2%}" for k, v in acc.items()))
+    for k in ("train_seconds", "steps"):
+        if k in run:
+            lines.append(f"{k.replace('_', ' ')}: {run[k]}")
+    return "\n".join(lines)
+
+
+def report_markdown(report: dict) -> str:
+    t = report["totals"]
+    out = [f"# prunekit report: {report['model']} ({report['backend']})", ""]
+    if report.get("run"):
+        out += ["| setting | value |", "| --- | --- |"]
+        out += [f"| {k} | {v} |" for k, v in report["run"].items()]
+        out.append("")
+    if report.get("accuracy"):
+        out += ["| accuracy | value |", "| --- | --- |"]
+        out += [f"| {k} | {v:.2%} |" for k, v in report["accuracy"].items()]
+        out.append("")
+    out += ["| total | value |", "| --- | --- |",
+            f"| prunable sparsity (measured) | {t['prunable_sparsity']:.4%} |",
+            f"| non-zero / all parameters | {t['total_nonzero']:,} / {t['total_params']:,} |",
+            f"| dense MACs per sample | {t['dense_macs']:,} |",
+            f"| effective MACs per sample | {t['effective_macs']:,} |", ""]
+    out += ["| layer | kind | shape | params | non-zero | sparsity | kept out-channels | effective MACs |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in report["layers"]:
+        shape = "×".join(str(d) for d in r["weight_shape"])
+        out.append(f"| {r['name']} | {r['kind']} | {shape} | {r['params']} | {r['nonzero']} | {r['sparsity']:.2%} | "
+                   f"{r['kept_out_channels']} | {r['effective_macs']:,} |")
+    return "\n".join(out) + "\n"
+
+
+def save_report(report: dict, folder: str) -> Dict[str, str]:
+    os.makedirs(folder, exist_ok=True)
+    paths = {"json": os.path.join(folder, "report.json"), "markdown": os.path.join(folder, "report.md")}
+    with open(paths["json"], "w") as f:
+        json.dump(report, f, indent=1)
+    with open(paths["markdown"], "w") as f:
+        f.write(report_markdown(report))
+    return paths
