@@ -43,8 +43,18 @@ class PruningSession:
         self.optimizer = optimizer
         self.step = 0
         self._weights = {l.name: handle.module(l.name).weight for l in handle.layers}
+        self._masks_seen = None  # the algorithm's masks dict the lists below were built from
+        self._masked_weights, self._mask_list = [], []
         if algorithm is not None:
             algorithm.bind(handle, total_steps)
+
+    def _mask_lists(self):
+        masks = self.algorithm.masks
+        if masks is not self._masks_seen:
+            self._masked_weights = [self._weights[n] for n in masks]
+            self._mask_list = list(masks.values())
+            self._masks_seen = masks
+        return self._masked_weights, self._mask_list
 
     def before_step(self) -> None:
         if self.algorithm is None:
@@ -55,6 +65,10 @@ class PruningSession:
     def after_backward(self) -> None:
         if self.algorithm is None:
             return
+        weights, masks = self._mask_lists()
+        pairs = [(w.grad, m) for w, m in zip(weights, masks) if w.grad is not None]
+        if pairs:
+            torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
         grads = {n: p.grad for n, p in self._weights.items() if p.grad is not None}
         new = self.algorithm.transform_gradients(self.step, dict(grads))
         for n, g in new.items():
@@ -63,6 +77,10 @@ class PruningSession:
 
     def after_optimizer_step(self) -> None:
         if self.algorithm is not None:
+            weights, masks = self._mask_lists()
+            if weights:
+                with torch.no_grad():
+                    torch._foreach_mul_(weights, masks)
             self.algorithm.after_step(self.step)
             self._sync_optimizer_state()
         self.step += 1

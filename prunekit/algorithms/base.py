@@ -5,12 +5,14 @@ A driver calls, for every optimizer step ``t`` (0-based, counted over the whole 
 1. ``before_step(t)``: the algorithm may recompute masks (schedules) and apply them to the
    weights. If it changed any mask it sets ``masks_changed``; the driver then masks the
    optimizer's state (momentum, Adam moments) with the new masks and clears the flag.
-2. forward and backward: the driver collects the gradients of the prunable weights by layer name.
-3. ``transform_gradients(t, grads)``: returns the gradients to step with (masking, regulariser
-   terms). The dict may be modified in place.
+2. forward and backward; the driver multiplies the gradients of masked weights by their
+   masks (in place, with the framework's fused ops: masking is the driver's hot path).
+3. ``transform_gradients(t, grads)``: the algorithm's own gradient terms (regularisers), on
+   the gradients of the prunable weights by layer name; returns the dict (may modify it).
 4. the framework's optimizer steps.
-5. ``after_step(t)``: re-apply masks / projections to the weights, so pruned weights stay exactly
-   zero whatever weight decay and momentum do.
+5. the driver multiplies the masked weights by their masks again, so pruned weights stay
+   exactly zero whatever weight decay and momentum do; then ``after_step(t)`` for the
+   algorithm's own post-step work (projections, thresholds).
 
 The algorithm only sees :class:`~prunekit.ops.Ops` and :class:`~prunekit.handle.ModelHandle`.
 """
@@ -55,13 +57,10 @@ class Algorithm:
         pass
 
     def transform_gradients(self, step: int, grads: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        for name, mask in self.masks.items():
-            if name in grads:
-                grads[name] = grads[name] * mask
         return grads
 
     def after_step(self, step: int) -> None:
-        self.apply_masks()
+        pass
 
     def finish(self) -> None:
         """Called once after the last step (final decisions, e.g. hard masks)."""
