@@ -14,7 +14,7 @@ import dataclasses
 import sys
 from typing import List, Optional
 
-from .errors import PrunekitError
+from .errors import ConfigError, PrunekitError
 from .job import RunConfig, run
 
 
@@ -49,6 +49,26 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="e.g. cuda or cpu (PyTorch); default: CPU")
     p.add_argument("--out", default=d.out, help="output folder (default %(default)s)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--set", dest="params", action="append", default=[], metavar="KEY=VALUE",
+                   help="an algorithm setting, e.g. --set partial_k=0.1 --set lam=0.5 (repeatable)")
+    p.add_argument("--decompose-threshold", type=float, default=d.decompose_threshold,
+                   help="TRP: singular values kept by the final decomposition (default %(default)s)")
+
+
+def parse_settings(items: List[str]) -> dict:
+    """``["lam=0.5", "semantics=release"]`` -> ``{"lam": 0.5, "semantics": "release"}``."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -64,7 +84,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.command == "run":
             fields = {f.name for f in dataclasses.fields(RunConfig)}
-            cfg = RunConfig(**{k: v for k, v in vars(args).items() if k in fields})
+            values = {k: v for k, v in vars(args).items() if k in fields}
+            values["params"] = parse_settings(values.get("params", []))
+            cfg = RunConfig(**values)
             run(cfg)
             return 0
         if args.command == "conformance":

@@ -15,18 +15,25 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Optional
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
 
 import numpy as np
 
 from . import data as datasets
 from .algorithms import ALGORITHMS, make_algorithm
+from .algorithms.magnitude import MagnitudeConfig
+from .algorithms.rpg import RPGConfig
+from .algorithms.trp import TRPConfig
 from .backend import check_backend_name, get_backend
 from .errors import ConfigError
 from .models import check_model_name
 from .report import build_report, format_report, save_report
 from .selection import check_sparsity
+
+
+ALGORITHM_CONFIGS = {"magnitude": MagnitudeConfig, "rpg": RPGConfig, "trp": TRPConfig}
 
 
 @dataclass
@@ -56,6 +63,8 @@ class RunConfig:
     device: Optional[str] = None
     out: str = "runs/latest"
     progress: bool = True
+    params: Dict[str, Any] = field(default_factory=dict)  # algorithm hyperparameters (--set key=value)
+    decompose_threshold: float = 0.05  # TRP: singular values kept by the final decomposition
 
     def validate(self) -> "RunConfig":
         self.backend = check_backend_name(self.backend)
@@ -82,13 +91,25 @@ class RunConfig:
         return self
 
     def algorithm_kwargs(self, prune_steps: int = 1000) -> dict:
-        from .algorithms.magnitude import MagnitudeConfig
+        """The algorithm's config: the run's common settings that the algorithm has, then
+        ``params`` (``--set key=value``), checked by the algorithm's own config class."""
+        config_cls = ALGORITHM_CONFIGS[self.algorithm]
+        names = {f.name for f in dataclasses.fields(config_cls)}
         frequency = self.frequency
         if frequency is None:
             frequency = max(1, int(self.end_fraction * prune_steps) // 10)
-        return {"config": MagnitudeConfig(sparsity=self.sparsity, granularity=self.granularity, scope=self.scope,
-                                          schedule=self.schedule, frequency=frequency,
-                                          end_fraction=self.end_fraction)}
+        common = {"sparsity": self.sparsity, "granularity": self.granularity, "scope": self.scope,
+                  "schedule": self.schedule, "frequency": frequency, "end_fraction": self.end_fraction}
+        kwargs = {k: v for k, v in common.items() if k in names}
+        unknown = sorted(set(self.params) - names)
+        if unknown:
+            raise ConfigError(f"unknown {self.algorithm} setting(s) {', '.join(unknown)}; "
+                              f"allowed: {', '.join(sorted(names))}")
+        kwargs.update(self.params)
+        try:
+            return {"config": config_cls(**kwargs)}
+        except TypeError as e:
+            raise ConfigError(f"bad {self.algorithm} setting: {e}") from None
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -145,6 +166,7 @@ def run(cfg: RunConfig, echo=print) -> dict:
     accuracy = {}
     dense_seconds = 0.0
     if cfg.dense_epochs:
+        echo("phase 1: dense training")
         dense = backend.Trainer(handle, None, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay,
                                 total_steps=cfg.dense_epochs * steps_per_epoch)
         dense_seconds = _train_epochs(dense, ds, cfg, cfg.dense_epochs, 0, "dense training")
@@ -160,14 +182,21 @@ def run(cfg: RunConfig, echo=print) -> dict:
                                   algorithm)
     trainer.finish()
     accuracy["after_pruning"] = _evaluate(trainer, ds, cfg)
+    extra = {}
+    if cfg.algorithm == "trp":
+        handle, extra = _decompose(backend, handle, algorithm, cfg)
+        tester = backend.Trainer(handle, None, cfg.optimizer, lr, cfg.momentum, cfg.weight_decay, total_steps=1)
+        accuracy["after_decomposition"] = _evaluate(tester, ds, cfg)
 
     run_info = {"backend": cfg.backend, "algorithm": cfg.algorithm, "dataset": cfg.dataset,
                 "train_images": int(len(ds.y_train)), "test_images": int(len(ds.y_test)),
-                "target_sparsity": cfg.sparsity, "granularity": cfg.granularity, "scope": cfg.scope,
+                "target_sparsity": cfg.sparsity if "sparsity" in algorithm.describe() or cfg.algorithm == "magnitude" else None,
+                "granularity": cfg.granularity, "scope": cfg.scope,
                 "schedule": cfg.schedule, "dense_epochs": cfg.dense_epochs, "prune_epochs": cfg.prune_epochs,
                 "steps": (cfg.dense_epochs + cfg.prune_epochs) * steps_per_epoch,
                 "train_seconds": round(dense_seconds + prune_seconds, 1), "seed": cfg.seed}
-    report = build_report(handle, accuracy, run_info)
+    ranks = getattr(algorithm, "ranks", None)
+    report = build_report(handle, accuracy, run_info, ranks=ranks, extra=extra)
     os.makedirs(cfg.out, exist_ok=True)
     paths = save_report(report, cfg.out)
     plan_paths = algorithm.plan().save(os.path.join(cfg.out, "plan"))
@@ -175,3 +204,24 @@ def run(cfg: RunConfig, echo=print) -> dict:
     echo(format_report(report))
     echo(f"report: {paths['markdown']}, {paths['json']}; plan: {plan_paths[0]}; weights: {os.path.join(cfg.out, 'weights.npz')}")
     return report
+
+
+def _decompose(backend, handle, algorithm, cfg: RunConfig):
+    """TRP's final step: split each trained low-rank conv into two convs; measure both models."""
+    from .decompose import plan_decompositions
+    from .flops import count_model
+
+    before = count_model(handle.layers, handle.weights_numpy(), handle.state_numpy())
+    decompositions = plan_decompositions(handle, algorithm.config.scheme, threshold=cfg.decompose_threshold,
+                                         layers=[l.name for l in algorithm.layers])
+    new_handle = backend.apply_decompositions(handle, decompositions)
+    after = count_model(new_handle.layers, new_handle.weights_numpy(), new_handle.state_numpy())
+    summary = {
+        "scheme": algorithm.config.scheme,
+        "threshold": cfg.decompose_threshold,
+        "ranks": {d.layer: d.rank for d in decompositions},
+        "params_before": before["total_params"], "params_after": after["total_params"],
+        "macs_before": before["dense_macs"], "macs_after": after["dense_macs"],
+        "flops_reduction": before["dense_macs"] / max(1, after["dense_macs"]),
+    }
+    return new_handle, {"decomposition": summary}

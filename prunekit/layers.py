@@ -26,6 +26,7 @@ class LayerInfo:
     has_bias: bool = False
     input_hw: Tuple[int, int] = (1, 1)   # spatial size of the input in the probe pass
     output_hw: Tuple[int, int] = (1, 1)  # spatial size of the output in the probe pass
+    padding: Tuple[int, int] = (0, 0)    # symmetric zero padding (top/bottom, left/right)
 
     @property
     def weight_name(self) -> str:

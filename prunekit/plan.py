@@ -76,6 +76,8 @@ class PruningPlan:
             raise PlanError(f"{json_path} is not a prunekit plan (format {doc.get('format') if isinstance(doc, dict) else None!r})")
         masks = {}
         wanted = doc.get("mask_layers", [])
+        if not isinstance(wanted, list):
+            raise PlanError(f"pruning plan {json_path} is damaged: mask_layers is not a list")
         if wanted:
             if not os.path.exists(npz_path):
                 raise PlanError(f"pruning plan {json_path} names masks but {npz_path} is missing")
@@ -87,17 +89,20 @@ class PruningPlan:
             missing = sorted(set(wanted) - set(masks))
             if missing:
                 raise PlanError(f"mask file {npz_path} lacks masks for {missing[:3]}")
-        return cls(
-            model=doc.get("model", ""),
-            algorithm=doc.get("algorithm", ""),
-            backend=doc.get("backend", ""),
-            layer_signature=[(n, tuple(s)) for n, s in doc.get("layer_signature", [])],
-            masks=masks,
-            ranks={k: int(v) for k, v in doc.get("ranks", {}).items()},
-            keep_ratios={k: float(v) for k, v in doc.get("keep_ratios", {}).items()},
-            kept_channels={k: list(v) for k, v in doc.get("kept_channels", {}).items()},
-            meta=doc.get("meta", {}),
-        )
+        try:  # a well-formed json whose fields have the wrong types is damaged too
+            return cls(
+                model=doc.get("model", ""),
+                algorithm=doc.get("algorithm", ""),
+                backend=doc.get("backend", ""),
+                layer_signature=[(n, tuple(int(d) for d in s)) for n, s in doc.get("layer_signature", [])],
+                masks=masks,
+                ranks={k: int(v) for k, v in doc.get("ranks", {}).items()},
+                keep_ratios={k: float(v) for k, v in doc.get("keep_ratios", {}).items()},
+                kept_channels={k: [int(i) for i in v] for k, v in doc.get("kept_channels", {}).items()},
+                meta=doc.get("meta", {}),
+            )
+        except (TypeError, ValueError, AttributeError) as e:
+            raise PlanError(f"pruning plan {json_path} is damaged: {type(e).__name__}: {e}") from None
 
     # ------------------------------------------------------------------ checks
     def check_matches(self, layers: Sequence[LayerInfo], model_name: Optional[str] = None) -> None:

@@ -14,17 +14,29 @@ from typing import Dict, Optional
 from .flops import count_model
 
 
-def build_report(handle, accuracy: Optional[Dict[str, float]] = None, run: Optional[dict] = None) -> dict:
+def build_report(handle, accuracy: Optional[Dict[str, float]] = None, run: Optional[dict] = None,
+                 ranks: Optional[Dict[str, int]] = None, extra: Optional[dict] = None) -> dict:
+    """A report of ``handle``'s model as it is now. ``ranks`` are the algorithm's per-layer ranks
+    (measured by its last spectrum computation); ``extra`` adds sections (e.g. decomposition)."""
     counts = count_model(handle.layers, handle.weights_numpy(), handle.state_numpy())
     layers = counts.pop("layers")
-    return {
-        "run": dict(run or {}),
+    rows = [c.to_dict() for c in layers]
+    if ranks:
+        for r in rows:
+            if r["name"] in ranks:
+                r["rank"] = int(ranks[r["name"]])
+    report = {
+        "run": {k: v for k, v in (run or {}).items() if v is not None},
         "model": handle.model_name,
         "backend": handle.ops.name,
         "accuracy": dict(accuracy or {}),
         "totals": counts,
-        "layers": [c.to_dict() for c in layers],
+        "layers": rows,
     }
+    if ranks:
+        report["ranks"] = {k: int(v) for k, v in ranks.items()}
+    report.update(extra or {})
+    return report
 
 
 def _fmt_count(n: float) -> str:
@@ -44,13 +56,13 @@ def format_report(report: dict, max_layers: int = 60) -> str:
     if run.get("dataset"):
         head += f", {run['dataset']}"
     lines.append(head)
-    lines.append(f"{'layer':<28} {'kind':<6} {'shape':<18} {'params':>9} {'nonzero':>9} {'sparsity':>8} {'MACs':>9}")
+    lines.append(f"{'layer':<28} {'kind':<6} {'shape':<18} {'params':>9} {'nonzero':>9} {'sparsity':>8} {'MACs':>9} {'rank':>5}")
     rows = report["layers"]
     shown = rows if len(rows) <= max_layers else rows[:max_layers]
     for r in shown:
         shape = "x".join(str(d) for d in r["weight_shape"])
         lines.append(f"{r['name']:<28} {r['kind']:<6} {shape:<18} {r['params']:>9} {r['nonzero']:>9} "
-                     f"{r['sparsity']:>8.2%} {_fmt_count(r['effective_macs']):>9}")
+                     f"{r['sparsity']:>8.2%} {_fmt_count(r['effective_macs']):>9} {r.get('rank', ''):>5}")
     if len(rows) > len(shown):
         lines.append(f"... {len(rows) - len(shown)} more layers in the JSON report")
     lines.append("")
@@ -61,6 +73,11 @@ def format_report(report: dict, max_layers: int = 60) -> str:
     lines.append(f"all parameters:   {t['total_nonzero']:,} of {t['total_params']:,} non-zero")
     lines.append(f"FLOPs (MACs/sample): dense {_fmt_count(t['dense_macs'])}, effective {_fmt_count(t['effective_macs'])} "
                  f"({t['macs_kept_fraction']:.2%} kept)")
+    dec = report.get("decomposition")
+    if dec:
+        lines.append(f"decomposition ({dec['scheme']}, singular values >= {dec['threshold']}): parameters "
+                     f"{dec['params_before']:,} -> {dec['params_after']:,}, MACs {_fmt_count(dec['macs_before'])} -> "
+                     f"{_fmt_count(dec['macs_after'])} ({dec['flops_reduction']:.2f}x fewer)")
     acc = report.get("accuracy", {})
     if acc:
         lines.append("accuracy:         " + ", ".join(f"{k} {v:.2%}" for k, v in acc.items()))

@@ -30,8 +30,8 @@ class SparsitySchedule:
     def __post_init__(self):
         if self.kind not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.kind!r}; expected one of {', '.join(SCHEDULES)}")
-        check_sparsity(self.final_sparsity, "final sparsity")
-        check_sparsity(self.initial_sparsity, "initial sparsity")
+        self.final_sparsity = check_sparsity(self.final_sparsity, "final sparsity")
+        self.initial_sparsity = check_sparsity(self.initial_sparsity, "initial sparsity")
         if self.frequency < 1:
             raise ConfigError(f"schedule frequency must be >= 1, got {self.frequency}")
         if self.begin_step < 0 or self.end_step < self.begin_step:

@@ -100,16 +100,17 @@ def expand_channel_mask(ops: Ops, channel_mask: Tensor, weight_shape: Sequence[i
     return ones * ops.reshape(channel_mask, view)
 
 
-def energy_rank(singular_values, energy: float) -> int:
-    """Smallest r with sum_{i<=r} s_i^2 >= energy * sum s_i^2 (first index meeting it).
+def energy_rank(singular_values, energy: float, total_energy: float | None = None) -> int:
+    """Smallest r with sum_{i<=r} s_i^2 >= energy * total (first index meeting it).
 
-    An all-zero spectrum has rank 0.
+    ``total_energy`` defaults to sum s_i^2; give ‖M‖_F² for a partial spectrum (if the known
+    values do not reach the target, their count is returned). An all-zero spectrum has rank 0.
     """
     s = np.asarray(singular_values, dtype=np.float64).reshape(-1)
     if not (0.0 < energy <= 1.0):
         raise ConfigError(f"energy must be in (0, 1], got {energy!r}")
     e = s * s
-    total = e.sum()
+    total = e.sum() if total_energy is None else float(total_energy)
     if total <= 0.0:
         return 0
     cum = np.cumsum(e) / total
@@ -123,16 +124,20 @@ def value_rank(singular_values, threshold: float) -> int:
     return int(np.count_nonzero(s >= threshold))
 
 
-def residual_rank(singular_values, partial_k: float) -> int:
-    """RPG's k: the rank whose residual energy sum_{i>k} s_i^2 of the *normalised* matrix is
-    closest to ``partial_k``; ties go to the larger k."""
+def residual_rank(singular_values, partial_k: float, total_energy: float | None = None) -> int:
+    """RPG's k: the rank whose residual energy sum_{i>k} s_i^2, as a fraction of the total,
+    is closest to ``partial_k``; ties (within ``RANK_TOLERANCE``) go to the larger k.
+
+    ``total_energy`` (‖M‖_F²) allows a partial spectrum: only k up to the number of known
+    values are candidates then.
+    """
     s = np.asarray(singular_values, dtype=np.float64).reshape(-1)
     e = s * s
-    total = e.sum()
+    total = e.sum() if total_energy is None else float(total_energy)
     if total <= 0.0:
         return 0
     e = e / total
-    # residual[k] = energy left after keeping the first k values, k = 0..n
+    # residual[k] = energy left after keeping the first k values, k = 0..len(s)
     residual = np.concatenate([[1.0], 1.0 - np.cumsum(e)])
     residual = np.maximum(residual, 0.0)
     dist = np.abs(residual - partial_k)

@@ -2,6 +2,7 @@
 from .driver import PruningSession, Trainer, make_optimizer
 from .layers import TorchModelHandle, discover_layers
 from .models import build_model
+from .surgery import apply_decompositions
 from .ops import TorchOps
 
 NAME = "torch"

@@ -8,7 +8,8 @@
         loss = criterion(model(x), y)
         optimizer.zero_grad(); loss.backward()
         session.after_backward()                   # masks / regulariser terms on .grad
-        optimizer.step()
+        if session.should_step():                  # False only where an algorithm skips a step
+            optimizer.step()
         session.after_optimizer_step()             # re-apply masks, projections
     session.finish()
 
@@ -65,6 +66,9 @@ class PruningSession:
     def after_backward(self) -> None:
         if self.algorithm is None:
             return
+        if self.algorithm.needs_dense_gradients(self.step):
+            self.algorithm.observe_gradients(self.step, {n: p.grad.detach().clone() for n, p in self._weights.items()
+                                                         if p.grad is not None})
         weights, masks = self._mask_lists()
         pairs = [(w.grad, m) for w, m in zip(weights, masks) if w.grad is not None]
         if pairs:
@@ -74,6 +78,10 @@ class PruningSession:
         for n, g in new.items():
             if g is not grads.get(n):
                 self._weights[n].grad.copy_(g)
+
+    def should_step(self) -> bool:
+        """Whether to call ``optimizer.step()`` this step (RPG's release semantics skips some)."""
+        return self.algorithm is None or self.algorithm.should_step_optimizer(self.step)
 
     def after_optimizer_step(self) -> None:
         if self.algorithm is not None:
@@ -145,7 +153,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=False)
         loss.backward()
         self.session.after_backward()
-        self.optimizer.step()
+        if self.session.should_step():
+            self.optimizer.step()
         self.session.after_optimizer_step()
         return loss.detach()
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from prunekit.errors import PlanError
+from prunekit.errors import ModelError, PlanError
 from prunekit.handle import ModelHandle
 from prunekit.layers import LayerInfo, require_prunable
 from prunekit.models import init_state
@@ -52,8 +52,10 @@ def discover_layers(model: nn.Module, input_shape: Sequence[int]) -> List[LayerI
     for n, m in modules:
         in_hw, out_hw = seen.get(n, ((1, 1), (1, 1)))
         if isinstance(m, nn.Conv2d):
+            if isinstance(m.padding, str):
+                raise ModelError(f"conv {n!r} uses padding={m.padding!r}; prunekit needs explicit padding")
             layers.append(LayerInfo(n, "conv", tuple(m.weight.shape), m.in_channels, m.out_channels, m.groups,
-                                    tuple(m.stride), m.bias is not None, in_hw, out_hw))
+                                    tuple(m.stride), m.bias is not None, in_hw, out_hw, tuple(m.padding)))
         else:
             layers.append(LayerInfo(n, "linear", tuple(m.weight.shape), m.in_features, m.out_features, 1,
                                     (1, 1), m.bias is not None, (1, 1), (1, 1)))

@@ -137,12 +137,12 @@ class TorchOps(Ops):
 
     def max(self, x, axis=None, keepdims=False):
         if axis is None:
-            return x.max()
+            return x.max().reshape((1,) * x.dim()) if keepdims else x.max()
         return torch.amax(x, dim=axis, keepdim=keepdims)
 
     def min(self, x, axis=None, keepdims=False):
         if axis is None:
-            return x.min()
+            return x.min().reshape((1,) * x.dim()) if keepdims else x.min()
         return torch.amin(x, dim=axis, keepdim=keepdims)
 
     def argmax(self, x, axis):

@@ -4,10 +4,12 @@ from __future__ import annotations
 from ..errors import ConfigError
 from .base import Algorithm, apply_plan, check_finite_weights
 from .magnitude import MagnitudeConfig, MagnitudePruner
+from .rpg import RPGConfig, RPGPruner
+from .trp import TRPConfig, TRPPruner
 
-ALGORITHMS = {"magnitude": MagnitudePruner}
+ALGORITHMS = {"magnitude": MagnitudePruner, "rpg": RPGPruner, "trp": TRPPruner}
 #: algorithms the project plans; named here so an error can tell "not yet" from "unknown"
-PLANNED = ("rpg", "trp", "dsa", "sdprun", "precrop")
+PLANNED = ("dsa", "sdprun", "precrop")
 
 
 def make_algorithm(name: str, **config) -> Algorithm:

@@ -5,11 +5,12 @@ A driver calls, for every optimizer step ``t`` (0-based, counted over the whole 
 1. ``before_step(t)``: the algorithm may recompute masks (schedules) and apply them to the
    weights. If it changed any mask it sets ``masks_changed``; the driver then masks the
    optimizer's state (momentum, Adam moments) with the new masks and clears the flag.
-2. forward and backward; the driver multiplies the gradients of masked weights by their
+2. forward and backward; if ``needs_dense_gradients(t)``, the driver first passes the
+   unmasked gradients to ``observe_gradients(t, grads)``; then it multiplies the gradients of masked weights by their
    masks (in place, with the framework's fused ops: masking is the driver's hot path).
 3. ``transform_gradients(t, grads)``: the algorithm's own gradient terms (regularisers), on
    the gradients of the prunable weights by layer name; returns the dict (may modify it).
-4. the framework's optimizer steps.
+4. the framework's optimizer steps, unless ``should_step_optimizer(t)`` is False.
 5. the driver multiplies the masked weights by their masks again, so pruned weights stay
    exactly zero whatever weight decay and momentum do; then ``after_step(t)`` for the
    algorithm's own post-step work (projections, thresholds).
@@ -55,6 +56,17 @@ class Algorithm:
 
     def before_step(self, step: int) -> None:
         pass
+
+    def needs_dense_gradients(self, step: int) -> bool:
+        """True if the driver should call :meth:`observe_gradients` at this step."""
+        return False
+
+    def observe_gradients(self, step: int, grads: Dict[str, Tensor]) -> None:
+        """The unmasked gradients of the prunable weights (e.g. RigL regrowth scores)."""
+
+    def should_step_optimizer(self, step: int) -> bool:
+        """False where the algorithm wants this step's optimizer update skipped."""
+        return True
 
     def transform_gradients(self, step: int, grads: Dict[str, Tensor]) -> Dict[str, Tensor]:
         return grads

@@ -35,7 +35,7 @@ class MagnitudeConfig:
     exclude: Sequence[str] = field(default_factory=tuple)
 
     def __post_init__(self):
-        check_sparsity(self.sparsity)
+        self.sparsity = check_sparsity(self.sparsity)
         if self.granularity not in GRANULARITIES:
             raise ConfigError(f"unknown granularity {self.granularity!r}; expected one of {', '.join(GRANULARITIES)}")
         if self.scope not in SCOPES:

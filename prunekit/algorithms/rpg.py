@@ -1,0 +1,217 @@
+"""RPG: rank-based adversarial unstructured pruning (Tian et al., NeurIPS 2023).
+
+At high sparsity, magnitude pruning leaves nearly low-rank weight matrices. RPG adds an
+adversarial rank term that pushes every conv weight away from its best low-rank approximation:
+
+* per conv layer (stem and 1×1 shortcuts included; linear layers get no rank term):
+  Mn = M / ‖M‖_F (M the channel matrix view; layers with ‖M‖_F = 0 are skipped), k = the rank
+  whose residual energy Σ_{i>k} σ_i² of Mn is closest to ``partial_k`` (ties → larger k),
+  Ŵ = best rank-k approximation of Mn (held constant), ℓ = −‖Mn − Ŵ‖²_F;
+* L_rank = mean of ℓ over the layers; loss = L_task + λ·L_rank.
+
+The gradient of ℓ needs no autograd through the SVD. With R = Mn − Ŵ = (I − U_kU_kᵀ)Mn and
+G = ∂ℓ/∂Mn = −2R, the chain rule through the normalisation gives
+∂ℓ/∂M = (G − ⟨G, Mn⟩ Mn) / ‖M‖_F = 2(‖R‖² Mn − R) / ‖M‖_F   (since ⟨R, Mn⟩ = ‖R‖²).
+
+Pruning schedule (the release's): dense start; every ``frequency`` steps until
+``end_fraction`` of training, one global magnitude threshold over all weighted layers at the
+exponential density D^(u/U), then RigL drop/grow per layer: drop the fraction
+α/2·(1 + cos(π t / T_end)) of the layer's active weights with the smallest |w|, grow as many
+inactive ones with the largest |dense gradient| (not the ones just dropped — a decision, so a
+drop always moves the mask), regrown weights set to zero.
+
+Semantics (``semantics``):
+* ``"paper"`` (default): the rank term is added to the gradient every ``rank_every`` steps.
+* ``"release"`` (the authors' released code): the rank term is computed only in the step
+  before each mask update, where the optimizer step is skipped; it acts only through the
+  regrowth score (the dense gradient of task + λ·rank loss).
+
+The spectra come from :class:`prunekit.lowrank.SpectrumEngine` (``spectrum`` = "exact",
+"gram" or "subspace"), batched over same-shape layers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..lowrank import METHODS, SpectrumEngine, matrix_view, project_top
+from ..schedules import SparsitySchedule
+from ..selection import check_sparsity, residual_rank, topk_mask
+from .base import Algorithm
+from .magnitude import magnitude_masks
+
+SEMANTICS = ("paper", "release")
+
+
+@dataclass
+class RPGConfig:
+    sparsity: float = 0.9
+    partial_k: float = 0.1
+    lam: float = 0.5
+    rank_every: int = 1
+    semantics: str = "paper"
+    frequency: int = 100
+    end_fraction: float = 0.8
+    drop_alpha: float = 0.3
+    spectrum: str = "gram"
+    refresh_every: int = 50
+
+    def __post_init__(self):
+        self.sparsity = check_sparsity(self.sparsity)
+        if not (0.0 < self.partial_k < 1.0):
+            raise ConfigError(f"partial_k must be in (0, 1), got {self.partial_k!r}")
+        if not (self.lam >= 0.0 and math.isfinite(self.lam)):
+            raise ConfigError(f"lam must be a non-negative number, got {self.lam!r}")
+        if self.semantics not in SEMANTICS:
+            raise ConfigError(f"unknown RPG semantics {self.semantics!r}; expected one of {', '.join(SEMANTICS)}")
+        if self.rank_every < 1 or self.frequency < 1:
+            raise ConfigError("rank_every and frequency must be >= 1")
+        if not (0.0 < self.end_fraction <= 1.0):
+            raise ConfigError(f"end_fraction must be in (0, 1], got {self.end_fraction!r}")
+        if not (0.0 <= self.drop_alpha < 1.0):
+            raise ConfigError(f"drop_alpha must be in [0, 1), got {self.drop_alpha!r}")
+        if self.spectrum not in METHODS:
+            raise ConfigError(f"unknown spectrum method {self.spectrum!r}; expected one of {', '.join(METHODS)}")
+
+
+class RPGPruner(Algorithm):
+    name = "rpg"
+
+    def __init__(self, config: RPGConfig | None = None, **kwargs):
+        super().__init__()
+        self.config = config or RPGConfig(**kwargs)
+        self.ranks: Dict[str, int] = {}
+        self.rank_loss: Optional[float] = None
+        self.current_sparsity = 0.0
+        self._dense_scores: Dict[str, object] = {}
+
+    def bind(self, handle, total_steps):
+        super().bind(handle, total_steps)
+        c = self.config
+        self.conv_layers = [l for l in self.layers if l.kind == "conv"]
+        self.t_end = max(0, int(math.floor(c.end_fraction * max(0, self.total_steps - 1))))
+        self.schedule = SparsitySchedule(c.sparsity, 0, self.t_end, c.frequency, "exponential")
+        self.engine = SpectrumEngine(self.ops, c.spectrum, c.refresh_every)
+        return self
+
+    # ------------------------------------------------------------------ schedule
+    def is_update_step(self, step: int) -> bool:
+        return step > 0 and self.schedule.is_update_step(step)
+
+    def needs_dense_gradients(self, step: int) -> bool:
+        return self.config.drop_alpha > 0 and self.is_update_step(step + 1)
+
+    def should_step_optimizer(self, step: int) -> bool:
+        return not (self.config.semantics == "release" and self.is_update_step(step + 1))
+
+    def before_step(self, step: int) -> None:
+        if self.is_update_step(step):
+            self.update_masks(step)
+
+    def finish(self) -> None:
+        if abs(self.current_sparsity - self.config.sparsity) > 1e-12:
+            self.set_masks(magnitude_masks(self.handle, self.layers, self.config.sparsity, "unstructured", "global"))
+            self.current_sparsity = self.config.sparsity
+
+    # ------------------------------------------------------------------ gradients
+    def observe_gradients(self, step: int, grads: Dict[str, object]) -> None:
+        """Dense (unmasked) gradients of the step before a mask update: RigL's regrowth score."""
+        scores = {n: grads[n] for n in grads if n in {l.name for l in self.layers}}
+        if self.config.semantics == "release":
+            rank_grads = self.rank_gradients()
+            for n, g in rank_grads.items():
+                scores[n] = scores[n] + g * self.config.lam
+        self._dense_scores = {n: self.ops.abs(self.ops.stop_gradient(g)) for n, g in scores.items()}
+
+    def transform_gradients(self, step, grads):
+        c = self.config
+        if c.semantics != "paper" or c.lam == 0.0 or step % c.rank_every != 0:
+            return grads
+        for name, g in self.rank_gradients().items():
+            term = g * c.lam
+            if name in self.masks:
+                term = term * self.masks[name]
+            grads[name] = grads[name] + term
+        return grads
+
+    def rank_gradients(self) -> Dict[str, object]:
+        """∂(L_rank)/∂W for every conv layer (L_rank the mean of ℓ over layers)."""
+        ops = self.ops
+        mats = {l.name: matrix_view(ops, self.handle.weight(l.name)) for l in self.conv_layers}
+        spectra = self.engine.spectra(mats, {n: self.ranks.get(n, 1) for n in mats})
+        out, loss = {}, 0.0
+        n_layers = len(mats)
+        for l in self.conv_layers:
+            spec = spectra[l.name]
+            if spec.total_energy <= 0.0:
+                self.ranks[l.name] = 0
+                continue
+            nrm = math.sqrt(spec.total_energy)
+            k = residual_rank(spec.s, self.config.partial_k, spec.total_energy)
+            self.ranks[l.name] = k
+            m = mats[l.name]
+            mn = m * (1.0 / nrm)
+            r = mn - project_top(ops, mn, spec, k)
+            r2 = float(max(0.0, 1.0 - np.sum(spec.s[:k] ** 2) / spec.total_energy))  # ‖R‖² from the spectrum
+            grad = (mn * r2 - r) * (2.0 / (nrm * n_layers))
+            out[l.name] = ops.reshape(grad, l.weight_shape)
+            loss -= r2
+        self.rank_loss = loss / max(1, n_layers)
+        return out
+
+    # ------------------------------------------------------------------ masks
+    def update_masks(self, step: int) -> None:
+        sparsity = self.schedule.sparsity_at(step)
+        masks = magnitude_masks(self.handle, self.layers, sparsity, "unstructured", "global")
+        frac = self.config.drop_alpha / 2.0 * (1.0 + math.cos(math.pi * step / max(1, self.t_end)))
+        grown = {}
+        if frac > 0 and self._dense_scores:
+            for l in self.layers:
+                if l.name in self._dense_scores:
+                    masks[l.name], grown[l.name] = self._drop_grow(l.name, masks[l.name], self._dense_scores[l.name], frac)
+        self._dense_scores = {}
+        self.set_masks(masks)
+        for name, g in grown.items():  # regrown weights start from zero
+            self.handle.mul_weight_(name, 1.0 - g)
+        self.current_sparsity = sparsity
+
+    def _drop_grow(self, name: str, mask, score, frac: float):
+        """RigL on one layer: returns (new mask, mask of the regrown weights)."""
+        ops = self.ops
+        active = int(round(ops.item(ops.sum(mask))))
+        n_drop = min(int(frac * active), ops.size(mask) - active)
+        if n_drop <= 0:
+            return mask, ops.zeros_like(mask)
+        w = ops.abs(self.handle.weight(name))
+        is_active = ops.greater(mask, ops.zeros_like(mask))
+        # keep the (active - n_drop) largest active weights; inactive ones score -1 (< any |w|)
+        kept = topk_mask(ops, ops.where(is_active, w, ops.zeros_like(w) - 1.0), active - n_drop)
+        # grow among the weights that were inactive (not the ones just dropped), by |dense gradient|
+        grown = topk_mask(ops, ops.where(is_active, ops.zeros_like(score) - 1.0, score), n_drop)
+        return kept + grown, grown
+
+    # ------------------------------------------------------------------ output
+    def plan(self):
+        p = super().plan()
+        p.ranks = dict(self.ranks)
+        return p
+
+    def describe(self) -> dict:
+        c = self.config
+        return {"target_sparsity": c.sparsity, "partial_k": c.partial_k, "lam": c.lam, "semantics": c.semantics,
+                "rank_every": c.rank_every, "spectrum": c.spectrum, "rank_loss": self.rank_loss}
+
+    def state_dict(self) -> dict:
+        d = super().state_dict()
+        d["ranks"] = dict(self.ranks)
+        d["current_sparsity"] = self.current_sparsity
+        return d
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.ranks = dict(state.get("ranks", {}))
+        self.current_sparsity = float(state.get("current_sparsity", 0.0))

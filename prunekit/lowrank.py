@@ -1,0 +1,206 @@
+"""Rank machinery shared by RPG and TRP: matrix views of conv weights and fast top spectra.
+
+Both algorithms need, every step, the leading singular subspace of every conv weight's
+matrix view (RPG: the best rank-k approximation; TRP: the rank-r truncation and U_r V_rᵀ).
+A full SVD per layer per step is far too slow, so :class:`SpectrumEngine` offers three
+methods that compute the *same quantities* to within a stated tolerance:
+
+``exact``
+    batched SVD of same-shape layers (one call per distinct shape).
+``gram``
+    the Gram matrix G = M Mᵀ of the smaller side (a matmul) and its eigen-decomposition:
+    σ_i² = eigenvalues, U = eigenvectors. Cheap when min(m, n) is small (CIFAR nets: ≤ 64×64,
+    i.e. 1 % of the cost of the SVD of the 64×576 matrix).
+``subspace``
+    one warm-started block power iteration per step on the previous step's basis Q
+    (Q ← orth(G Q)), then Rayleigh–Ritz on the q×q matrix QᵀGQ. q = (rank needed) +
+    ``oversample``; an exact solve is made every ``refresh_every`` steps, on the first call, and
+    whenever the rank asked for does not fit inside q. Matmuls and a thin QR only: the method of
+    choice on GPUs, where eigh/SVD kernels are slow.
+
+All methods return, per layer, the leading left singular vectors ``U`` (m × q), the leading
+singular values ``S`` (q) and the total energy ‖M‖_F² — enough to choose ranks by energy
+(``energy_rank``) or residual energy (``residual_rank``) and to project onto the subspace:
+the best rank-k approximation is U_k U_kᵀ M (Eckart–Young).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+from .errors import ConfigError
+from .ops import Ops, Tensor
+
+SCHEMES = ("channel", "spatial")
+METHODS = ("exact", "gram", "subspace")
+
+
+def matrix_view(ops: Ops, w: Tensor, scheme: str = "channel") -> Tensor:
+    """The matrix a rank is taken of.
+
+    ``channel`` (TRP's NC, RPG's view): (C_out, C_in·kh·kw).
+    ``spatial`` (TRP's VH): W permuted to (C_in, kh, C_out, kw) → (C_in·kh, C_out·kw).
+    """
+    shape = ops.shape(w)
+    if scheme == "channel" or len(shape) == 2:
+        return ops.reshape(w, (shape[0], -1))
+    if scheme == "spatial":
+        co, ci, kh, kw = shape
+        return ops.reshape(ops.transpose(w, (1, 2, 0, 3)), (ci * kh, co * kw))
+    raise ConfigError(f"unknown decomposition scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
+
+
+def from_matrix_view(ops: Ops, m: Tensor, shape: Sequence[int], scheme: str = "channel") -> Tensor:
+    """Inverse of :func:`matrix_view`."""
+    shape = tuple(shape)
+    if scheme == "channel" or len(shape) == 2:
+        return ops.reshape(m, shape)
+    co, ci, kh, kw = shape
+    return ops.transpose(ops.reshape(m, (ci, kh, co, kw)), (2, 0, 1, 3))
+
+
+@dataclass
+class Spectrum:
+    """Leading spectrum of one matrix M (m × n) on its smaller side.
+
+    ``basis`` holds the leading singular vectors of that side, columns in descending σ order:
+    left vectors U (m × q) when ``side == "left"`` (m ≤ n), right vectors V (n × q) otherwise.
+    """
+
+    basis: Tensor
+    s: np.ndarray        # (q,) singular values, descending (host copy, float64)
+    total_energy: float  # ‖M‖_F²
+    exact: bool          # True if q covers the whole spectrum (S is complete)
+    side: str = "left"
+
+    def energies(self) -> np.ndarray:
+        """σ_i² for the known values, then the unexplained remainder as one lump (if any)."""
+        e = self.s.astype(np.float64) ** 2
+        if not self.exact:
+            e = np.concatenate([e, [max(0.0, self.total_energy - e.sum())]])
+        return e
+
+
+class SpectrumEngine:
+    """Leading spectra of many matrices, batched by shape, with the method chosen above."""
+
+    def __init__(self, ops: Ops, method: str = "gram", refresh_every: int = 50, oversample: int = 4):
+        if method not in METHODS:
+            raise ConfigError(f"unknown spectrum method {method!r}; expected one of {', '.join(METHODS)}")
+        if refresh_every < 1 or oversample < 0:
+            raise ConfigError("refresh_every must be >= 1 and oversample >= 0")
+        self.ops = ops
+        self.method = method
+        self.refresh_every = int(refresh_every)
+        self.oversample = int(oversample)
+        self._basis: Dict[Tuple, Tensor] = {}  # shape key -> (B, m', q) warm-start basis
+        self._calls = 0
+        self.exact_solves = 0
+
+    # ------------------------------------------------------------------ public
+    def spectra(self, mats: Dict[str, Tensor], need: Dict[str, int] | None = None) -> Dict[str, Spectrum]:
+        """Spectra of named matrices. ``need[name]`` is the number of leading values the caller
+        expects to use (the subspace method keeps that many plus ``oversample``)."""
+        ops = self.ops
+        need = need or {}
+        groups: Dict[Tuple[int, ...], List[str]] = {}
+        for name, m in mats.items():
+            groups.setdefault(tuple(ops.shape(m)), []).append(name)
+        out: Dict[str, Spectrum] = {}
+        refresh = self._calls % self.refresh_every == 0
+        self._calls += 1
+        for shape, names in groups.items():
+            stack = ops.stack([mats[n] for n in names], axis=0)  # (B, m, n)
+            transposed = shape[0] > shape[1]
+            if transposed:  # work on the smaller side: left vectors of Mᵀ are right vectors of M
+                stack = ops.swap_last(stack)
+            key = (shape, tuple(names))
+            want = max([need.get(n, 0) for n in names] + [1])
+            if self.method == "exact":
+                res = self._exact_svd(stack)
+            elif self.method == "gram" or refresh or key not in self._basis:
+                res = self._gram(stack)
+                if self.method == "subspace":
+                    self._store_basis(key, res[0], want)
+            elif ops.shape(self._basis[key])[-1] < min(ops.shape(stack)[-2], want + 1):
+                res = self._gram(stack)  # the basis is too small for the rank now needed
+                self._store_basis(key, res[0], want)
+            else:
+                res = self._subspace(stack, key)
+            u_all, s_all, energy, exact = res
+            s_host = ops.to_numpy(s_all).astype(np.float64)
+            e_host = ops.to_numpy(energy).astype(np.float64)
+            side = "right" if transposed else "left"
+            for i, n in enumerate(names):
+                out[n] = Spectrum(u_all[i], s_host[i], float(e_host[i]), exact, side)
+        return out
+
+    # ------------------------------------------------------------------ methods
+    def _exact_svd(self, stack):
+        ops = self.ops
+        self.exact_solves += 1
+        u, s, _ = ops.svd(stack)
+        energy = ops.sum(stack * stack, axis=(1, 2))
+        return u, s, energy, True
+
+    def _gram(self, stack):
+        ops = self.ops
+        self.exact_solves += 1
+        g = ops.matmul(stack, ops.swap_last(stack))  # (B, m, m)
+        w, v = ops.eigh(g)  # ascending
+        m = ops.shape(w)[-1]
+        order = list(range(m - 1, -1, -1))
+        w = ops.take(w, order, axis=1)
+        v = ops.take(v, order, axis=2)
+        s = ops.sqrt(ops.clip(w, 0.0, None))
+        energy = ops.sum(stack * stack, axis=(1, 2))
+        return v, s, energy, True
+
+    def _store_basis(self, key, u_all, want: int) -> None:
+        ops = self.ops
+        m = ops.shape(u_all)[-2]
+        q = min(m, want + self.oversample)
+        self._basis[key] = ops.take(u_all, list(range(q)), axis=2)
+
+    def _subspace(self, stack, key):
+        ops = self.ops
+        q_basis = self._basis[key]  # (B, m, q)
+        g = ops.matmul(stack, ops.swap_last(stack))
+        q, _ = ops.qr(ops.matmul(g, q_basis))
+        small = ops.matmul(ops.swap_last(q), ops.matmul(g, q))  # (B, q, q)
+        w, v = ops.eigh(small)
+        k = ops.shape(w)[-1]
+        order = list(range(k - 1, -1, -1))
+        w = ops.take(w, order, axis=1)
+        v = ops.take(v, order, axis=2)
+        u = ops.matmul(q, v)
+        self._basis[key] = u
+        s = ops.sqrt(ops.clip(w, 0.0, None))
+        energy = ops.sum(stack * stack, axis=(1, 2))
+        m = ops.shape(stack)[-2]
+        return u, s, energy, k >= m
+
+
+def project_top(ops: Ops, m: Tensor, spec: Spectrum, k: int) -> Tensor:
+    """Best rank-k approximation of M (Eckart–Young): U_k U_kᵀ M, or M V_k V_kᵀ."""
+    if k <= 0:
+        return ops.zeros_like(m)
+    bk = ops.take(spec.basis, list(range(k)), axis=1)
+    if spec.side == "left":
+        return ops.matmul(bk, ops.matmul(ops.swap_last(bk), m))
+    return ops.matmul(ops.matmul(m, bk), ops.swap_last(bk))
+
+
+def top_factors(ops: Ops, m: Tensor, spec: Spectrum, r: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """(U_r, S_r, Vh_r) of M from its spectrum: the missing side is M's product with the known
+    one divided by σ (only call with σ_r > 0, e.g. ranks chosen by energy)."""
+    br = ops.take(spec.basis, list(range(r)), axis=1)
+    s = ops.asarray(spec.s[:r].astype(np.float32), like=m)
+    inv = ops.asarray((1.0 / np.maximum(spec.s[:r], 1e-30)).astype(np.float32), like=m)
+    if spec.side == "left":
+        vh = ops.matmul(ops.swap_last(br), m) * ops.reshape(inv, (r, 1))
+        return br, s, vh
+    u = ops.matmul(m, br) * ops.reshape(inv, (1, r))
+    return u, s, ops.swap_last(br)
