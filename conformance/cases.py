@@ -366,6 +366,116 @@ def _ref_decision_ranks(scenario: str) -> Outputs:
     return out
 
 
+# ------------------------------------------------------------------------------- RPG and TRP
+RANK_SCENARIOS = ("random", "exact_ties", "all_zero_layer", "rank_deficient", "pointwise_and_depthwise")
+
+
+def _conv_weights(scenario: str) -> Dict[str, np.ndarray]:
+    return {k: v.astype(np.float32) for k, v in weight_scenarios()[scenario].items()}
+
+
+def _rpg_rank_term(backend, scenario: str, spectrum: str) -> Outputs:
+    from prunekit.algorithms.rpg import RPGConfig, RPGPruner
+
+    ops = backend.Ops()
+    h = ArrayHandle(ops, _conv_weights(scenario), DEPTHWISE_GROUPS)
+    algo = RPGPruner(RPGConfig(sparsity=0.9, partial_k=0.1, spectrum=spectrum)).bind(h, 1000)
+    grads = algo.rank_gradients()
+    out = {f"rank/{n}": np.array(k) for n, k in algo.ranks.items()}
+    out.update({f"grad/{n}": ops.to_numpy(g) for n, g in grads.items()})
+    return out
+
+
+def _ref_rpg_rank_term(scenario: str) -> Outputs:
+    """RPG's k and ∂(mean_l −‖Mn − Ŵ‖²)/∂W by NumPy SVD in float64 and the chain rule."""
+    from prunekit.selection import residual_rank
+
+    weights = _conv_weights(scenario)
+    convs = [n for n, w in weights.items() if w.ndim == 4]
+    out = {}
+    for n in convs:
+        m = weights[n].astype(np.float64).reshape(weights[n].shape[0], -1)
+        nrm = np.linalg.norm(m)
+        if nrm == 0:
+            out[f"rank/{n}"] = np.array(0)
+            continue
+        mn = m / nrm
+        u, s, vh = np.linalg.svd(mn, full_matrices=False)
+        k = residual_rank(s, 0.1)
+        r = mn - (u[:, :k] * s[:k]) @ vh[:k]
+        g = -2 * r
+        grad = (g - np.sum(g * mn) * mn) / nrm / len(convs)
+        out[f"rank/{n}"] = np.array(k)
+        out[f"grad/{n}"] = grad.reshape(weights[n].shape)
+    return out
+
+
+def _rpg_update(backend, scenario: str) -> Outputs:
+    """One RPG mask update (global magnitude at the scheduled density, then RigL drop/grow)
+    from identical weights and identical dense gradients."""
+    from prunekit.algorithms.rpg import RPGConfig, RPGPruner
+
+    ops = backend.Ops()
+    weights = _conv_weights(scenario)
+    r = rng(9)
+    grads = {n: ops.asarray(r.standard_normal(w.shape).astype(np.float32)) for n, w in weights.items()}
+    h = ArrayHandle(ops, weights, DEPTHWISE_GROUPS)
+    algo = RPGPruner(RPGConfig(sparsity=0.95, frequency=10, end_fraction=0.8, drop_alpha=0.3)).bind(h, 101)
+    out = {}
+    for step in (10, 20):
+        algo.observe_gradients(step - 1, grads)
+        algo.update_masks(step)
+        for n, m in algo.masks.items():
+            out[f"mask/{step}/{n}"] = ops.to_numpy(m).astype(bool)
+            out[f"weight_zero/{step}/{n}"] = ops.to_numpy(h.weight(n)) == 0
+    return out
+
+
+def _trp_step(backend, scenario: str, scheme: str) -> Outputs:
+    from prunekit.algorithms.trp import TRPConfig, TRPPruner
+
+    ops = backend.Ops()
+    weights = _conv_weights(scenario)
+    h = ArrayHandle(ops, weights, DEPTHWISE_GROUPS)
+    algo = TRPPruner(TRPConfig(energy=0.9, lam=1e-2, scheme=scheme))
+    # ArrayHandle layers have no stem: keep every k×k, non-grouped conv
+    algo.select_layers = lambda layers: [l for l in layers if l.kind == "conv" and min(l.kernel_size) > 1 and l.groups == 1]
+    algo.bind(h, 10)
+    zero = {l.name: ops.zeros(l.weight_shape) for l in algo.layers}
+    grads = algo.transform_gradients(0, dict(zero))
+    out = {}
+    for l in algo.layers:
+        out[f"rank/{l.name}"] = np.array(algo.ranks[l.name])
+        out[f"projected/{l.name}"] = ops.to_numpy(h.weight(l.name))
+        out[f"nuclear_grad/{l.name}"] = ops.to_numpy(grads[l.name])
+    return out
+
+
+def _ref_trp_step(scenario: str, scheme: str) -> Outputs:
+    from prunekit.selection import energy_rank
+
+    out = {}
+    for n, w in _conv_weights(scenario).items():
+        if w.ndim != 4 or min(w.shape[2:]) < 2:
+            continue
+        co, ci, kh, kw = w.shape
+        w64 = w.astype(np.float64)
+        m = w64.reshape(co, -1) if scheme == "channel" else w64.transpose(1, 2, 0, 3).reshape(ci * kh, co * kw)
+        u, s, vh = np.linalg.svd(m, full_matrices=False)
+        r = energy_rank(s, 0.9)
+        trunc = (u[:, :r] * s[:r]) @ vh[:r]
+        uv = u[:, :r] @ vh[:r] * 1e-2
+        back = (lambda x: x.reshape(w.shape)) if scheme == "channel" else (
+            lambda x: x.reshape(ci, kh, co, kw).transpose(2, 0, 1, 3))
+        out[f"rank/{n}"] = np.array(r)
+        out[f"projected/{n}"] = back(trunc) if r else w64
+        if r:
+            out[f"nuclear_grad/{n}"] = back(uv)
+        else:
+            out[f"nuclear_grad/{n}"] = np.zeros(w.shape)
+    return out
+
+
 # ----------------------------------------------------------------------------------- training
 TRAIN_STEPS = 6
 
@@ -416,6 +526,20 @@ def all_cases() -> List[Case]:
                           lambda b, s=scenario: _decision_masks(b, s), lambda s=scenario: _ref_decision_masks(s)))
         cases.append(Case(f"decisions/energy_rank/{scenario}", "decisions",
                           lambda b, s=scenario: _decision_ranks(b, s), lambda s=scenario: _ref_decision_ranks(s)))
+    grad_tol = {"grad": Tol("close", atol=1e-5, rtol=1e-3)}
+    for scenario in RANK_SCENARIOS:
+        for spectrum in ("exact", "gram"):
+            cases.append(Case(f"decisions/rpg_rank_term/{spectrum}/{scenario}", "decisions",
+                              lambda b, s=scenario, m=spectrum: _rpg_rank_term(b, s, m),
+                              lambda s=scenario: _ref_rpg_rank_term(s), grad_tol))
+        cases.append(Case(f"decisions/rpg_mask_update/{scenario}", "decisions",
+                          lambda b, s=scenario: _rpg_update(b, s)))
+        for scheme in ("channel", "spatial") if scenario != "pointwise_and_depthwise" else ():  # TRP skips 1x1/depthwise
+            cases.append(Case(f"decisions/trp_step/{scheme}/{scenario}", "decisions",
+                              lambda b, s=scenario, c=scheme: _trp_step(b, s, c),
+                              lambda s=scenario, c=scheme: _ref_trp_step(s, c),
+                              {"projected": Tol("close", atol=1e-4, rtol=1e-4),
+                               "nuclear_grad": Tol("close", atol=1e-5, rtol=1e-3)}))
     cases.append(Case("training/magnitude_resnet20_cifar10", "training", _training_run, None,
                       {"loss": Tol("close", atol=1e-3, rtol=1e-3), "mask": Tol("agree", min_agreement=0.999),
                        "weight": Tol("close", atol=2e-3)}))
