@@ -14,9 +14,10 @@ methods that compute the *same quantities* to within a stated tolerance:
 ``subspace``
     one warm-started block power iteration per step on the previous step's basis Q
     (Q ← orth(G Q)), then Rayleigh–Ritz on the q×q matrix QᵀGQ. q = (rank needed) +
-    ``oversample``; an exact solve is made every ``refresh_every`` steps, on the first call, and
-    whenever the rank asked for does not fit inside q. Matmuls and a thin QR only: the method of
-    choice on GPUs, where eigh/SVD kernels are slow.
+    ``oversample``; an exact solve is made every ``refresh_every`` steps, on the first call,
+    whenever the rank asked for does not fit inside q, and after :meth:`SpectrumEngine.reset`
+    (callers reset when the weights jump, e.g. at a mask update). Matmuls and a thin QR only:
+    the method of choice on GPUs, where eigh/SVD kernels are slow.
 
 All methods return, per layer, the leading left singular vectors ``U`` (m × q), the leading
 singular values ``S`` (q) and the total energy ‖M‖_F² — enough to choose ranks by energy
@@ -100,6 +101,11 @@ class SpectrumEngine:
         self.exact_solves = 0
 
     # ------------------------------------------------------------------ public
+    def reset(self) -> None:
+        """Forget the warm-start bases, so the next call solves exactly. Call it when the matrices
+        jump (e.g. a mask update): one warm-started iteration only tracks slow drift."""
+        self._basis.clear()
+
     def spectra(self, mats: Dict[str, Tensor], need: Dict[str, int] | None = None) -> Dict[str, Spectrum]:
         """Spectra of named matrices. ``need[name]`` is the number of leading values the caller
         expects to use (the subspace method keeps that many plus ``oversample``)."""

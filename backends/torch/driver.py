@@ -102,7 +102,7 @@ class PruningSession:
         """After a mask change, zero momentum / Adam moments of pruned weights."""
         if not self.algorithm.masks_changed:
             return
-        for name, mask in self.algorithm.masks.items():
+        for name, mask in self.algorithm.optimizer_state_masks().items():
             p = self._weights[name]
             for value in self.optimizer.state.get(p, {}).values():
                 if isinstance(value, torch.Tensor) and value.shape == p.shape:

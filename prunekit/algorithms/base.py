@@ -40,6 +40,8 @@ class Algorithm:
         self.total_steps = 0
         self.masks: Dict[str, Tensor] = {}
         self.masks_changed = False
+        #: what the driver multiplies the optimizer state by on a mask change (None: the masks)
+        self.state_masks: Optional[Dict[str, Tensor]] = None
 
     # ------------------------------------------------------------------ lifecycle
     def bind(self, handle: ModelHandle, total_steps: int) -> "Algorithm":
@@ -78,10 +80,16 @@ class Algorithm:
         """Called once after the last step (final decisions, e.g. hard masks)."""
 
     # ------------------------------------------------------------------ masks
-    def set_masks(self, masks: Dict[str, Tensor]) -> None:
+    def set_masks(self, masks: Dict[str, Tensor], state_masks: Optional[Dict[str, Tensor]] = None) -> None:
+        """New masks, applied to the weights now. ``state_masks`` (default: the masks) is what the
+        driver multiplies the optimizer state by, e.g. to also clear the momentum of regrown weights."""
         self.masks = dict(masks)
+        self.state_masks = dict(state_masks) if state_masks is not None else None
         self.masks_changed = True
         self.apply_masks()
+
+    def optimizer_state_masks(self) -> Dict[str, Tensor]:
+        return self.state_masks if self.state_masks is not None else self.masks
 
     def apply_masks(self) -> None:
         for name, mask in self.masks.items():

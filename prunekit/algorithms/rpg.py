@@ -18,7 +18,8 @@ Pruning schedule (the release's): dense start; every ``frequency`` steps until
 exponential density D^(u/U), then RigL drop/grow per layer: drop the fraction
 α/2·(1 + cos(π t / T_end)) of the layer's active weights with the smallest |w|, grow as many
 inactive ones with the largest |dense gradient| (not the ones just dropped — a decision, so a
-drop always moves the mask), regrown weights set to zero.
+drop always moves the mask), regrown weights set to zero together with their optimizer state.
+The dense gradient is that of the whole loss, task + λ·rank term, in both semantics.
 
 Semantics (``semantics``):
 * ``"paper"`` (default): the rank term is added to the gradient every ``rank_every`` steps.
@@ -103,7 +104,8 @@ class RPGPruner(Algorithm):
         return step > 0 and self.schedule.is_update_step(step)
 
     def needs_dense_gradients(self, step: int) -> bool:
-        return self.config.drop_alpha > 0 and self.is_update_step(step + 1)
+        # release semantics computes its rank term only here, so it always asks
+        return (self.config.drop_alpha > 0 or self.config.semantics == "release") and self.is_update_step(step + 1)
 
     def should_step_optimizer(self, step: int) -> bool:
         return not (self.config.semantics == "release" and self.is_update_step(step + 1))
@@ -121,9 +123,9 @@ class RPGPruner(Algorithm):
     def observe_gradients(self, step: int, grads: Dict[str, object]) -> None:
         """Dense (unmasked) gradients of the step before a mask update: RigL's regrowth score."""
         scores = {n: grads[n] for n in grads if n in {l.name for l in self.layers}}
-        if self.config.semantics == "release":
-            rank_grads = self.rank_gradients()
-            for n, g in rank_grads.items():
+        # the dense gradient of the whole loss, task + λ·rank term, in both semantics
+        if self.config.lam > 0:
+            for n, g in self.rank_gradients().items():
                 scores[n] = scores[n] + g * self.config.lam
         self._dense_scores = {n: self.ops.abs(self.ops.stop_gradient(g)) for n, g in scores.items()}
 
@@ -174,8 +176,10 @@ class RPGPruner(Algorithm):
                 if l.name in self._dense_scores:
                     masks[l.name], grown[l.name] = self._drop_grow(l.name, masks[l.name], self._dense_scores[l.name], frac)
         self._dense_scores = {}
-        self.set_masks(masks)
-        for name, g in grown.items():  # regrown weights start from zero
+        # regrown weights start from zero, their optimizer state (momentum, moments) too
+        self.set_masks(masks, state_masks={n: m * (1.0 - grown[n]) if n in grown else m for n, m in masks.items()})
+        self.engine.reset()  # the weights jumped: a warm-started subspace would be stale
+        for name, g in grown.items():
             self.handle.mul_weight_(name, 1.0 - g)
         self.current_sparsity = sparsity
 
