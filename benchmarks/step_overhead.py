@@ -100,7 +100,6 @@ def main(argv=None):
 
 
 def write_results(results):
-    import torch  # noqa: F401  (only to print versions)
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
     lines = [f"### Pruning-machinery overhead, ResNet-20, batch 128, CPU ({time.strftime('%Y-%m-%d')})", "",

@@ -11,7 +11,6 @@ Every setting is validated before data is read or a file is written.
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time

@@ -8,7 +8,7 @@ means the same layer everywhere.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import List, Sequence, Tuple
 
 from .errors import ModelError

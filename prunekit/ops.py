@@ -20,7 +20,7 @@ Conventions
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, Dict, Iterable, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 

@@ -17,6 +17,8 @@ from prunekit.backend import BACKENDS, get_backend  # noqa: E402
 from prunekit.ops import Ops  # noqa: E402
 
 _OPS_CACHE = {}
+#: in CI (or with PRUNEKIT_REQUIRE_BACKENDS=1) a backend that cannot load fails its tests
+REQUIRE_ALL_BACKENDS = bool(os.environ.get("PRUNEKIT_REQUIRE_BACKENDS") or os.environ.get("CI"))
 
 
 def load_ops(name: str) -> Ops:
@@ -35,10 +37,26 @@ def load_ops(name: str) -> Ops:
             _OPS_CACHE[name] = f"backend {name!r} unavailable: {type(e).__name__}: {e}"
     value = _OPS_CACHE[name]
     if isinstance(value, str):
-        pytest.skip(value)
+        _unavailable(value)
     return value
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def neutral_ops(request) -> Ops:
     return load_ops(request.param)
+
+
+def _unavailable(message: str):
+    if REQUIRE_ALL_BACKENDS:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module", params=sorted(BACKENDS))
+def backend(request):
+    """The backend module (model handles, Trainer), once per backend; skipped where it cannot be
+    loaded, except in CI (or with PRUNEKIT_REQUIRE_BACKENDS=1), where that fails."""
+    try:
+        return get_backend(request.param)
+    except Exception as e:
+        _unavailable(f"backend {request.param!r} unavailable: {type(e).__name__}: {e}")

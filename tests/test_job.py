@@ -1,12 +1,11 @@
 """The main job end to end on real data (tiny settings), and its input checks."""
 import json
-import os
 
 import numpy as np
 import pytest
 
 from prunekit.cli import main
-from prunekit.errors import ConfigError, DataError
+from prunekit.errors import ConfigError
 from prunekit.job import RunConfig, run
 
 TINY = dict(model="resnet20", dataset="cifar10", train_limit=200, test_limit=100, dense_epochs=1, prune_epochs=1,

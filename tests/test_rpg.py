@@ -14,7 +14,6 @@ import pytest
 
 from prunekit.algorithms import make_algorithm
 from prunekit.algorithms.rpg import RPGConfig, RPGPruner
-from prunekit.backend import BACKENDS, get_backend
 from prunekit.errors import ConfigError
 
 torch = pytest.importorskip("torch")
@@ -39,17 +38,6 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module", params=sorted(BACKENDS))
-def backend(request):
-    """The backend module (model handles, Trainer), or a skip where it cannot be loaded yet."""
-    try:
-        module = get_backend(request.param)
-    except Exception as e:
-        pytest.skip(f"backend {request.param!r} unavailable: {type(e).__name__}: {e}")
-    missing = [a for a in ("model_handle", "Trainer") if not hasattr(module, a)]
-    if missing:
-        pytest.skip(f"backend {request.param!r} is incomplete (no {', '.join(missing)})")
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 The op-level rules (top-k masks, channel scores) run on every available backend through the
 ``neutral_ops`` fixture; the host-side rules (keep counts, rank choices) are plain Python.
 """
-import math
 from decimal import ROUND_HALF_UP, Decimal
 from fractions import Fraction
 

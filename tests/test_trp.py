@@ -13,7 +13,6 @@ import pytest
 
 from prunekit.algorithms import make_algorithm
 from prunekit.algorithms.trp import TRPConfig, TRPPruner, choose_rank, decomposition_factors
-from prunekit.backend import BACKENDS, get_backend
 from prunekit.decompose import plan_decompositions
 from prunekit.errors import ConfigError, ModelError
 from prunekit.flops import count_model
@@ -37,17 +36,6 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module", params=sorted(BACKENDS))
-def backend(request):
-    """The backend module (model handles, Trainer), or a skip where it cannot be loaded yet."""
-    try:
-        module = get_backend(request.param)
-    except Exception as e:
-        pytest.skip(f"backend {request.param!r} unavailable: {type(e).__name__}: {e}")
-    missing = [a for a in ("model_handle", "Trainer") if not hasattr(module, a)]
-    if missing:
-        pytest.skip(f"backend {request.param!r} is incomplete (no {', '.join(missing)})")
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,207 @@
+"""Prunable-layer discovery and the :class:`~prunekit.handle.ModelHandle` for MindSpore models.
+
+Any ``nn.Conv2d`` (grouped and depthwise included) or ``nn.Dense`` is prunable. Spatial sizes
+for FLOPs come from one probe forward pass with forward hooks (``Cell.register_forward_hook``,
+PyNative only: the probe switches to PyNative for its duration if the context is in graph mode),
+in eval mode.
+
+Names: a cell's path from ``cells_and_names()`` is its PyTorch module path, and a parameter's
+shared name is ``<cell path>.<leaf>`` where BatchNorm's leaves are renamed to PyTorch's
+(:data:`BN_LEAVES`). MindSpore's own ``Parameter.name`` is left alone, so MindSpore checkpoints
+keep working.
+
+Writes to a Parameter go through ``Tensor.copy_``, the cheapest eager in-place update measured
+in MindSpore 2.10 PyNative on CPU (about 0.2 ms for multiply-and-write of a 256x256x3x3 weight,
+against 0.8 ms with ``ops.assign`` and 1.7 ms with ``Parameter.set_data``); the training driver
+masks all layers at once in one compiled call instead (``driver.mask_parameters``).
+``Tensor.mul_`` must not be used: on a Parameter it silently leaves the Parameter unchanged.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import mindspore as ms
+import mindspore.nn as nn
+import mindspore.ops as msops
+
+from prunekit.errors import ModelError, PlanError
+from prunekit.handle import ModelHandle
+from prunekit.layers import LayerInfo, require_prunable
+from prunekit.models import init_state
+
+from .ops import MindSporeOps
+
+PRUNABLE = (nn.Conv2d, nn.Dense)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+#: MindSpore BatchNorm leaf -> shared (PyTorch) leaf, in PyTorch's state_dict order
+BN_LEAVES = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var"}
+#: shared leaves that are PyTorch buffers, not parameters
+BUFFER_LEAVES = ("running_mean", "running_var")
+
+
+def _hw(shape) -> Tuple[int, int]:
+    return (int(shape[-2]), int(shape[-1])) if len(shape) == 4 else (1, 1)
+
+
+def _pair(v) -> Tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(int(d) for d in v)
+    return v[-2:] if len(v) >= 2 else (v[0], v[0])
+
+
+def _probe(model: nn.Cell, input_shape: Sequence[int], cells) -> Dict[str, tuple]:
+    seen: Dict[str, tuple] = {}
+
+    def recorder(name):
+        def hook(cell, inputs, output):  # returns None: the output is left as it is
+            seen.setdefault(name, (_hw(inputs[0].shape), _hw(output.shape)))
+        return hook
+
+    graph = ms.get_context("mode") != ms.PYNATIVE_MODE
+    if graph:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+    handles = []
+    was_training = model.training
+    try:
+        handles = [c.register_forward_hook(recorder(n)) for n, c in cells]
+        model.set_train(False)
+        model(msops.zeros((1,) + tuple(int(d) for d in input_shape[-3:]), ms.float32))
+    finally:
+        for h in handles:
+            h.remove()
+        model.set_train(was_training)
+        if graph:
+            ms.set_context(mode=ms.GRAPH_MODE)
+    return seen
+
+
+def conv_padding(name: str, conv: nn.Conv2d) -> Tuple[int, int]:
+    """A conv's symmetric zero padding (rows, cols), from MindSpore's ``pad_mode``/``padding``.
+
+    ``"valid"`` is no padding; ``"same"`` (MindSpore's default) is accepted where it is static
+    and symmetric (stride 1, odd dilated kernel); anything else raises :class:`ModelError`.
+    """
+    mode = str(conv.pad_mode).lower()
+    if mode == "valid":
+        return (0, 0)
+    if mode == "same":
+        kh, kw = _pair(conv.kernel_size)
+        dh, dw = _pair(conv.dilation)
+        eh, ew = dh * (kh - 1), dw * (kw - 1)
+        if _pair(conv.stride) == (1, 1) and eh % 2 == 0 and ew % 2 == 0:
+            return (eh // 2, ew // 2)
+        raise ModelError(f"conv {name!r} uses pad_mode='same' with stride {_pair(conv.stride)} and kernel "
+                         f"{(kh, kw)}, which pads asymmetrically; prunekit needs explicit symmetric padding")
+    pad = conv.padding
+    if isinstance(pad, int):
+        return (pad, pad)
+    pad = tuple(int(p) for p in pad)
+    if len(pad) == 4 and pad[0] == pad[1] and pad[2] == pad[3]:
+        return (pad[0], pad[2])
+    raise ModelError(f"conv {name!r} has padding {pad} (top, bottom, left, right); prunekit needs symmetric padding")
+
+
+def discover_layers(model: nn.Cell, input_shape: Sequence[int]) -> List[LayerInfo]:
+    """Every Conv2d/Dense in definition order, with spatial sizes from a probe forward pass."""
+    cells = [(n, c) for n, c in model.cells_and_names() if isinstance(c, PRUNABLE)]
+    seen = _probe(model, input_shape, cells)
+    layers = []
+    for n, c in cells:
+        in_hw, out_hw = seen.get(n, ((1, 1), (1, 1)))
+        if isinstance(c, nn.Conv2d):
+            layers.append(LayerInfo(n, "conv", tuple(int(d) for d in c.weight.shape), int(c.in_channels),
+                                    int(c.out_channels), int(c.group), _pair(c.stride), bool(c.has_bias),
+                                    in_hw, out_hw, conv_padding(n, c)))
+        else:
+            layers.append(LayerInfo(n, "linear", tuple(int(d) for d in c.weight.shape), int(c.in_channels),
+                                    int(c.out_channels), 1, (1, 1), bool(c.has_bias), (1, 1), (1, 1)))
+    return layers
+
+
+def named_state(model: nn.Cell) -> Dict[str, Tuple[ms.Parameter, bool]]:
+    """``{shared name: (Parameter, is_batchnorm)}`` for every parameter and BN statistic."""
+    out: Dict[str, Tuple[ms.Parameter, bool]] = {}
+    for path, cell in model.cells_and_names():
+        own = cell._params  # the cell's direct parameters, by attribute name
+        prefix = f"{path}." if path else ""
+        if isinstance(cell, _BN):
+            for leaf, shared in BN_LEAVES.items():
+                if own.get(leaf) is not None:
+                    out[prefix + shared] = (own[leaf], True)
+        else:
+            for leaf, p in own.items():
+                if p is not None:
+                    out[prefix + leaf] = (p, False)
+    return out
+
+
+def write_(param: ms.Parameter, value) -> None:
+    """Overwrite a Parameter's values in place (same object, dtype kept)."""
+    if value.dtype != param.dtype:
+        value = msops.cast(value, param.dtype)
+    param.copy_(value)
+
+
+class MindSporeModelHandle(ModelHandle):
+    """Reads and writes a MindSpore model's prunable weights and its whole state by shared name."""
+
+    def __init__(self, model: nn.Cell, input_shape: Sequence[int], model_name: str = "model",
+                 ops: MindSporeOps | None = None):
+        self.model = model
+        self.ops = ops or MindSporeOps()
+        self.model_name = model_name
+        self.input_shape = tuple(input_shape)
+        self.layers = require_prunable(discover_layers(model, input_shape), model_name)
+        self._cells = dict(model.cells_and_names())
+        self._state = named_state(model)
+
+    def module(self, layer: str) -> nn.Cell:
+        return self._cells[layer]
+
+    def weight(self, layer):
+        return self._cells[layer].weight
+
+    def set_weight(self, layer, value):
+        write_(self._cells[layer].weight, value)
+
+    def mul_weight_(self, layer, mask):
+        w = self._cells[layer].weight
+        write_(w, w * mask)
+
+    def parameters_by_name(self) -> Dict[str, ms.Parameter]:
+        """Trainable parameters under the shared names (BN statistics are buffers, as in torch)."""
+        return {k: p for k, (p, bn) in self._state.items() if not (bn and k.rsplit(".", 1)[-1] in BUFFER_LEAVES)}
+
+    def shared_names(self) -> Dict[int, str]:
+        """``{id(Parameter): shared name}``, to match optimizer entries to names."""
+        return {id(p): k for k, (p, _) in self._state.items()}
+
+    # whole-model state under the shared names
+    def state_numpy(self):
+        return {k: p.asnumpy().copy() for k, (p, _) in self._state.items()}
+
+    def state_shapes(self):
+        return {k: (tuple(int(d) for d in p.shape), bn) for k, (p, bn) in self._state.items()}
+
+    def load_state_numpy(self, state, strict=True):
+        own = self._state
+        if strict:
+            missing = sorted(set(own) - set(state))
+            extra = sorted(set(state) - set(own))
+            if missing or extra:
+                raise PlanError(f"state does not match model {self.model_name!r}: missing {missing[:3]}, "
+                                f"unexpected {extra[:3]}")
+        for k, v in state.items():
+            if k in own and tuple(own[k][0].shape) != tuple(np.shape(v)):
+                raise PlanError(f"state entry {k!r} has shape {tuple(np.shape(v))}, model {self.model_name!r} "
+                                f"expects {tuple(own[k][0].shape)}")
+        for k, v in state.items():
+            if k in own:
+                p = own[k][0]
+                write_(p, ms.Tensor(np.ascontiguousarray(np.asarray(v)), dtype=p.dtype))
+
+    def initialize(self, seed: int) -> None:
+        """Load the shared NumPy initialisation (identical on every backend for a seed)."""
+        self.load_state_numpy(init_state(self.state_shapes(), seed))
