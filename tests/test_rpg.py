@@ -481,3 +481,54 @@ def test_error_messages_name_the_value():
     defaults = RPGConfig()
     assert (defaults.partial_k, defaults.lam, defaults.semantics, defaults.rank_every, defaults.drop_alpha) == \
         (0.1, 0.5, "paper", 1, 0.3)
+
+
+def test_regrown_weights_start_with_zero_optimizer_state(backend, trained_state, cifar):
+    """A weight regrown by RigL starts from zero: its value and its momentum."""
+    h = trained_handle(backend, trained_state)
+    alg = make_algorithm("rpg", sparsity=TARGET, frequency=FREQ, spectrum="gram", drop_alpha=0.3)
+    trainer = backend.Trainer(h, alg, optimizer="sgd", lr=0.02, momentum=0.9, weight_decay=5e-4,
+                              total_steps=STEPS, lr_schedule="constant")
+    session = trainer.session
+    seen = {}
+    orig = alg.update_masks
+
+    def update_masks(step):
+        before = h.weights_numpy()
+        orig(step)
+        seen[step] = before
+
+    alg.update_masks = update_masks
+    checked = 0
+    for step, (x, y) in zip(range(2 * FREQ + 1), cifar * 10):
+        session.before_step()  # an update step: masks change and the optimizer state is synced
+        if step in seen:
+            new = {n: alg.ops.to_numpy(m) > 0.5 for n, m in alg.masks.items()}
+            after = h.weights_numpy()
+            for name in new:
+                # regrown: kept by the new mask, but set to zero from a non-zero value
+                regrown = new[name] & (after[name] == 0) & (seen[step][name] != 0)
+                for buf in optimizer_buffers(backend, trainer, h, name):
+                    assert np.all(buf[regrown] == 0), (step, name)
+                    checked += int(regrown.sum())
+        loss_step(backend, trainer, x, y)
+    assert checked > 0
+
+
+def optimizer_buffers(backend, trainer, handle, name):
+    """The optimizer's per-weight state arrays (momentum) of one layer, as NumPy."""
+    if backend.NAME == "torch":
+        p = handle.module(name).weight
+        return [v.detach().numpy() for v in trainer.optimizer.state.get(p, {}).values()
+                if hasattr(v, "shape") and tuple(v.shape) == tuple(p.shape)]
+    return [s.asnumpy() for s in trainer.session._state.get(name, ())]
+
+
+def loss_step(backend, trainer, x, y):
+    """The rest of one Trainer step after ``session.before_step()`` (which the test made)."""
+    session = trainer.session
+    session.before_step = lambda: None  # already done for this step
+    try:
+        trainer.train_step(x, y)
+    finally:
+        del session.before_step

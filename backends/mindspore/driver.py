@@ -122,7 +122,7 @@ class PruningSession:
         """After a mask change, zero momentum / Adam moments of pruned weights."""
         if not self.algorithm.masks_changed:
             return
-        for name, mask in self.algorithm.masks.items():
+        for name, mask in self.algorithm.optimizer_state_masks().items():
             for state in self._state.get(name, ()):
                 write_(state, state * mask)
         self.algorithm.masks_changed = False
