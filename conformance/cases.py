@@ -479,6 +479,20 @@ def _ref_trp_step(scenario: str, scheme: str) -> Outputs:
     return out
 
 
+def _trp_decomposition(backend, model: str, scheme: str) -> Outputs:
+    """Decompose identical weights on each backend; compare ranks, factors and outputs."""
+    from prunekit.decompose import plan_decompositions
+
+    handle = backend.model_handle(model, seed=21)
+    x = rng(22).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    decompositions = plan_decompositions(handle, scheme, threshold=None, energy=0.8)
+    new = backend.apply_decompositions(handle, decompositions)
+    out = {f"rank/{d.layer}": np.array(d.rank) for d in decompositions}
+    out["logits"] = new.predict(x)
+    out["layer_shapes"] = np.array([s for l in new.layers for s in l.weight_shape])
+    return out
+
+
 # ----------------------------------------------------------------------------------- training
 TRAIN_STEPS = 6
 TRAIN_LR = 0.01
@@ -541,6 +555,11 @@ def all_cases() -> List[Case]:
                               lambda s=scenario, c=scheme: _ref_trp_step(s, c),
                               {"projected": Tol("close", atol=1e-4, rtol=1e-4),
                                "nuclear_grad": Tol("close", atol=1e-5, rtol=1e-3)}))
+    for model in ("resnet20", "vgg16"):
+        for scheme in ("channel", "spatial"):
+            cases.append(Case(f"decisions/trp_decomposition/{scheme}/{model}", "decisions",
+                              lambda b, m=model, c=scheme: _trp_decomposition(b, m, c), None,
+                              {"logits": Tol("close", atol=1e-4, rtol=1e-4)}))
     cases.append(Case("training/magnitude_resnet20_cifar10", "training", _training_run, None,
                       # Training is chaotic at float32 precision: a ReLU input of -4e-6 on one
                       # backend and +3e-6 on the other changes gradients by 1e-2 relative, and a

@@ -50,6 +50,9 @@ class ArrayHandle(ModelHandle):
         for n in self._w:
             self._w[n] = self.ops.asarray(state[f"{n}.weight"])
 
+    def predict(self, x):
+        raise NotImplementedError("an ArrayHandle holds weights, not a network")
+
 
 def weight_scenarios() -> Dict[str, Dict[str, np.ndarray]]:
     """Named sets of layer weights that stress the decision rules."""

@@ -40,6 +40,10 @@ class ModelHandle(abc.ABC):
     def load_state_numpy(self, state: Dict[str, np.ndarray], strict: bool = True) -> None:
         """Load arrays by shared name; with ``strict`` every name and shape must match."""
 
+    @abc.abstractmethod
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Eval-mode outputs (logits) for a float32 NCHW NumPy batch, as NumPy."""
+
     def layer(self, name: str) -> LayerInfo:
         for l in self.layers:
             if l.name == name:

@@ -67,3 +67,33 @@ def test_config_validation_errors():
         RunConfig(batch_size=0).validate()
     with pytest.raises(ConfigError, match="granularity"):
         RunConfig(granularity="block").validate()
+
+
+@pytest.mark.parametrize("backend", ["torch", "mindspore"])
+def test_job_runs_rpg_with_ranks_in_report(backend, tmp_path):
+    report = run(RunConfig(backend=backend, algorithm="rpg", sparsity=0.9, out=str(tmp_path / "rpg"),
+                           **dict(TINY, dense_epochs=0)), echo=lambda *a: None)
+    assert abs(report["totals"]["prunable_sparsity"] - 0.9) < 1e-4
+    convs = [r for r in report["layers"] if r["kind"] == "conv"]
+    assert all("rank" in r and r["rank"] >= 1 for r in convs)
+    assert all("rank" not in r for r in report["layers"] if r["kind"] == "linear")
+    plan = json.load(open(tmp_path / "rpg" / "plan.json"))
+    assert plan["ranks"] == {r["name"]: r["rank"] for r in convs}
+
+
+@pytest.mark.parametrize("backend", ["torch", "mindspore"])
+def test_job_runs_trp_and_decomposes(backend, tmp_path):
+    report = run(RunConfig(backend=backend, algorithm="trp", params={"energy": 0.5, "lam": 1e-3},
+                           decompose_threshold=0.05, out=str(tmp_path / "trp"), **dict(TINY, dense_epochs=0)),
+                 echo=lambda *a: None)
+    dec = report["decomposition"]
+    # the report describes the decomposed model: each decomposed conv became two layers
+    names = {r["name"] for r in report["layers"]}
+    for layer, rank in dec["ranks"].items():
+        assert f"{layer}.0" in names and f"{layer}.1" in names and layer not in names
+        first = next(r for r in report["layers"] if r["name"] == f"{layer}.0")
+        assert first["weight_shape"][0] == rank
+    assert report["totals"]["total_params"] == dec["params_after"]
+    assert report["totals"]["dense_macs"] == dec["macs_after"]
+    assert dec["flops_reduction"] == pytest.approx(dec["macs_before"] / dec["macs_after"])
+    assert "after_decomposition" in report["accuracy"]

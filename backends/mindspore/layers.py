@@ -170,6 +170,14 @@ class MindSporeModelHandle(ModelHandle):
         w = self._cells[layer].weight
         write_(w, w * mask)
 
+    def predict(self, x):
+        was_training = self.model.training
+        self.model.set_train(False)
+        try:
+            return self.model(ms.Tensor(np.ascontiguousarray(x, dtype=np.float32))).asnumpy()
+        finally:
+            self.model.set_train(was_training)
+
     def parameters_by_name(self) -> Dict[str, ms.Parameter]:
         """Trainable parameters under the shared names (BN statistics are buffers, as in torch)."""
         return {k: p for k, (p, bn) in self._state.items() if not (bn and k.rsplit(".", 1)[-1] in BUFFER_LEAVES)}

@@ -15,7 +15,7 @@ from prunekit.algorithms.trp import ConvFactor, Decomposition
 from .layers import MindSporeModelHandle
 
 
-def _conv(factor: ConvFactor, path: str) -> nn.Conv2d:
+def _conv(factor: ConvFactor) -> nn.Conv2d:
     co, ci, kh, kw = factor.weight.shape
     ph, pw = factor.padding
     conv = nn.Conv2d(ci, co, (kh, kw), tuple(factor.stride), pad_mode="pad", padding=(ph, ph, pw, pw),
@@ -23,10 +23,6 @@ def _conv(factor: ConvFactor, path: str) -> nn.Conv2d:
     conv.weight.set_data(ms.Tensor(np.ascontiguousarray(factor.weight), ms.float32))
     if factor.bias is not None:
         conv.bias.set_data(ms.Tensor(np.ascontiguousarray(np.asarray(factor.bias, np.float32))))
-    # unique Parameter names (MindSpore's optimizers reject duplicates)
-    conv.weight.name = f"{path}.weight"
-    if factor.bias is not None:
-        conv.bias.name = f"{path}.bias"
     return conv
 
 
@@ -44,9 +40,13 @@ def apply_decompositions(handle: MindSporeModelHandle, decompositions: Sequence[
         old = dict(model.cells_and_names())[d.layer]
         if not isinstance(old, nn.Conv2d):
             raise TypeError(f"{d.layer} is not a Conv2d")
-        new = nn.SequentialCell([_conv(d.first, f"{d.layer}.0"), _conv(d.second, f"{d.layer}.1")])
+        new = nn.SequentialCell([_conv(d.first), _conv(d.second)])
         if isinstance(parent, nn.SequentialCell):
             parent[int(attr)] = new
         else:
             setattr(parent, attr, new)
+    # a cell set into a built model gets names relative to its parent ("conv1.0.weight" in every
+    # block); optimizers need unique names, so give every parameter its full path again
+    for path, param in model.parameters_and_names():
+        param.name = path
     return MindSporeModelHandle(model, handle.input_shape, handle.model_name, handle.ops)

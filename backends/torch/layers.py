@@ -87,6 +87,16 @@ class TorchModelHandle(ModelHandle):
         with torch.no_grad():
             self._modules[layer].weight.mul_(mask)
 
+    def predict(self, x):
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            device = next(self.model.parameters()).device
+            with torch.no_grad():
+                return self.model(torch.as_tensor(np.asarray(x, np.float32), device=device)).float().cpu().numpy()
+        finally:
+            self.model.train(was_training)
+
     def parameters_by_name(self) -> Dict[str, nn.Parameter]:
         return dict(self.model.named_parameters())
 

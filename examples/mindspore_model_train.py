@@ -1,0 +1,55 @@
+"""Prune with MindSpore's high-level ``Model.train``: a training cell and a callback.
+
+``PruningTrainOneStepCell`` transforms the gradients between backward and the optimizer;
+``PruningCallback`` drives the schedule. RPG (rank-based adversarial pruning) at 90 % here,
+to show that any prunekit algorithm plugs in the same way.
+
+    python examples/mindspore_model_train.py [--quick]
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import mindspore.dataset as msds  # noqa: E402
+import mindspore.nn as nn  # noqa: E402
+from mindspore.train import Model  # noqa: E402
+
+import backends.mindspore  # noqa: E402,F401
+from backends.mindspore import MindSporeModelHandle, PruningCallback, PruningSession, PruningTrainOneStepCell  # noqa: E402
+from backends.mindspore.models import build_model  # noqa: E402
+from prunekit import data  # noqa: E402
+from prunekit.algorithms import make_algorithm  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true", help="a few steps only (used by the tests)")
+    args = p.parse_args(argv)
+    ds = data.load_dataset("cifar10", train_limit=256 if args.quick else 2000, test_limit=10)
+    batch, epochs = 32, 1 if args.quick else 2
+    x, y = next(iter(data.batches(ds.x_train, ds.y_train, len(ds.y_train), seed=0, mean=ds.mean, std=ds.std)))
+    dataset = msds.NumpySlicesDataset({"image": x, "label": y.astype(np.int32)}, shuffle=False).batch(batch)
+    total_steps = epochs * dataset.get_dataset_size()
+
+    net = build_model("resnet20")
+    optimizer = nn.SGD(net.trainable_params(), learning_rate=0.05, momentum=0.9, weight_decay=5e-4)
+    handle = MindSporeModelHandle(net, input_shape=(3, 32, 32), model_name="resnet20")
+    algorithm = make_algorithm("rpg", sparsity=0.9, frequency=max(1, total_steps // 4), end_fraction=0.75)
+    session = PruningSession(handle, algorithm, optimizer, total_steps)
+    train_net = PruningTrainOneStepCell(nn.WithLossCell(net, nn.CrossEntropyLoss()), optimizer, session)
+    Model(train_net).train(epochs, dataset, callbacks=[PruningCallback(session)], dataset_sink_mode=False)
+
+    weights = handle.weights_numpy()
+    sparsity = 1 - sum(np.count_nonzero(w) for w in weights.values()) / sum(w.size for w in weights.values())
+    print(f"measured sparsity {sparsity:.2%}; RPG ranks k of the first layers: "
+          f"{dict(list(algorithm.ranks.items())[:4])}")
+    assert abs(sparsity - 0.9) < 1e-3
+    return sparsity
+
+
+if __name__ == "__main__":
+    main()
