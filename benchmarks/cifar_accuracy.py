@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from prunekit.job import RunConfig, run  # noqa: E402
+from results import machine, write_section  # noqa: E402
 
 CONFIGS = [
     ("dense baseline (magnitude at 0 %)", dict(algorithm="magnitude", sparsity=0.0)),
@@ -66,28 +67,16 @@ def main(argv=None):
 
 
 def write(rows, args, limit):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
-    lines = [f"### CIFAR-10 accuracy, {args.model}, shortened schedule ({time.strftime('%Y-%m-%d')})", "",
-             f"Machine: {machine}, backend {args.backend}, no GPU. **Shortened schedule**: {args.epochs} epochs from "
-             f"scratch on {'all 50,000' if limit is None else limit} training images (SGD 0.1 cosine, batch 128, "
+    lines = [f"Machine: {machine()}, backend {args.backend}, no GPU. **Shortened schedule**: {args.epochs} epochs from "
+             f"scratch on {'all 50,000' if limit is None else f'{limit:,}'} training images (SGD 0.1 cosine, batch 128, "
              "wd 5e-4, pruning over the first 80 %), test on all 10,000. The published protocols are 164 (TRP) and "
              "300 (RPG) epochs; these figures compare methods at equal epochs only. Final-epoch accuracy at the final "
              "sparsity. TRP row: accuracy of the decomposed model (singular values >= 0.05), FLOPs reduction measured "
-             "from its layers. Command: `python benchmarks/cifar_accuracy.py --write`.", "",
+             "from its layers. Command: `python benchmarks/cifar_accuracy.py --write` with the settings above.", "",
              "| configuration | final-epoch test accuracy | measured sparsity | FLOPs reduction | non-zero params | seconds |",
              "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {l} | {a:.2%} | {s:.2%} | {f:.2f}× | {n:,} | {sec:.0f} |" for l, a, s, f, n, sec in rows]
-    section = "\n".join(lines) + "\n"
-    old = open(path).read() if os.path.exists(path) else "# Benchmark results\n\n"
-    marker = "### CIFAR-10 accuracy"
-    if marker in old:
-        start = old.index(marker)
-        end = old.find("\n### ", start + 1)
-        old = old[:start] + old[end + 1:] if end != -1 else old[:start]
-    with open(path, "w") as f:
-        f.write(old.rstrip() + "\n\n" + section)
-
+    write_section(f"CIFAR-10 accuracy, {args.model}, shortened schedule", lines)
 
 if __name__ == "__main__":
     main()

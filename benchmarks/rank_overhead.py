@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from prunekit import data  # noqa: E402
 from prunekit.algorithms.rpg import RPGConfig, RPGPruner  # noqa: E402
 from prunekit.algorithms.trp import TRPConfig, TRPPruner  # noqa: E402
 from prunekit.backend import get_backend  # noqa: E402
+from results import machine, write_section  # noqa: E402
 
 
 def make_trainers(backend, model: str, methods):
@@ -88,23 +89,11 @@ def main(argv=None):
 
 
 def write(rows, methods):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
-    lines = [f"### Rank machinery: RPG (rank_every = 1) and TRP (m = 1) step time, batch 128, CPU ({time.strftime('%Y-%m-%d')})",
-             "", f"Machine: {machine}. Command: `python benchmarks/rank_overhead.py --write`. "
-             "`exact` is the full-SVD figure, for comparison.", "",
+    lines = [f"Machine: {machine()}. Command: `python benchmarks/rank_overhead.py --write`. "
+             "`exact` (batched full SVD) is the full-SVD figure, for comparison.", "",
              "| backend | model | trainer | ms/step | × plain |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {b} | {m} | {k} | {v:.1f} | {r:.3f} |" for b, m, k, v, r in rows]
-    section = "\n".join(lines) + "\n"
-    old = open(path).read() if os.path.exists(path) else "# Benchmark results\n\n"
-    marker = "### Rank machinery"
-    if marker in old:
-        start = old.index(marker)
-        end = old.find("\n### ", start + 1)
-        old = old[:start] + old[end + 1:] if end != -1 else old[:start]
-    with open(path, "w") as f:
-        f.write(old.rstrip() + "\n\n" + section)
-
+    write_section("Rank machinery: RPG (rank_every = 1) and TRP (m = 1) step time, batch 128, CPU", lines)
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -21,10 +20,12 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from prunekit import data  # noqa: E402
 from prunekit.algorithms.magnitude import MagnitudeConfig, MagnitudePruner  # noqa: E402
 from prunekit.backend import get_backend  # noqa: E402
+from results import machine, write_section  # noqa: E402
 
 
 def _sync_loss(loss):
@@ -100,10 +101,7 @@ def main(argv=None):
 
 
 def write_results(results):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
-    lines = [f"### Pruning-machinery overhead, ResNet-20, batch 128, CPU ({time.strftime('%Y-%m-%d')})", "",
-             f"Machine: {machine}. Command: `python benchmarks/step_overhead.py --write`.", "",
+    lines = [f"Machine: {machine()}. Command: `python benchmarks/step_overhead.py --write`.", "",
              "| backend | plain step | step with masks | overhead | mask update | amortised over 100 steps | measured sparsity |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in results.items():
@@ -113,16 +111,7 @@ def write_results(results):
     if "torch" in results and "mindspore" in results:
         lines += ["", f"MindSpore / PyTorch plain step time, same model, batch and machine: "
                       f"{results['mindspore']['plain_ms'] / results['torch']['plain_ms']:.2f}x"]
-    section = "\n".join(lines) + "\n"
-    old = open(path).read() if os.path.exists(path) else "# Benchmark results\n\n"
-    marker = "### Pruning-machinery overhead"
-    if marker in old:
-        start = old.index(marker)
-        end = old.find("\n### ", start + 1)
-        old = old[:start] + old[end + 1:] if end != -1 else old[:start]
-    with open(path, "w") as f:
-        f.write(old.rstrip() + "\n\n" + section)
-
+    write_section("Pruning-machinery overhead, ResNet-20, batch 128, CPU", lines)
 
 if __name__ == "__main__":
     main()

@@ -60,3 +60,31 @@ def backend(request):
         return get_backend(request.param)
     except Exception as e:
         _unavailable(f"backend {request.param!r} unavailable: {type(e).__name__}: {e}")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torch_one_thread():
+    """Tiny models train far faster on one thread, and don't stall when the cores are shared."""
+    try:
+        import torch
+    except ImportError:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+#: ResNet-20 trained on real CIFAR-10 (tests/data/make_trained_weights.py made it)
+TRAINED_WEIGHTS = os.path.join(ROOT, "tests", "data", "resnet20_cifar10.npz")
+
+
+@pytest.fixture(scope="session")
+def trained_state():
+    """The trained ResNet-20's state under the shared names (spectra that decay, unlike random ones)."""
+    import numpy as np
+
+    if not os.path.exists(TRAINED_WEIGHTS):
+        pytest.fail(f"trained weights missing: {TRAINED_WEIGHTS}")
+    return dict(np.load(TRAINED_WEIGHTS))

@@ -10,7 +10,6 @@ method on slowly drifting weights; tall matrices, where the engine works on the 
 All expectations come from NumPy float64 (``np.linalg.svd``) and rank rules re-implemented here
 from ALGORITHMS.md, never from prunekit's own output.
 """
-import os
 
 import numpy as np
 import pytest
@@ -19,7 +18,6 @@ from prunekit.errors import ConfigError
 from prunekit.lowrank import SpectrumEngine, from_matrix_view, matrix_view, project_top, top_factors
 from prunekit.selection import energy_rank, residual_rank
 
-WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "resnet20_cifar10.npz")
 
 # ---------------------------------------------------------------- tolerances (and why)
 #: exact (batched float32 SVD) vs float64 SVD: |Δσ_i| <= EXACT_ATOL * σ_1. A backward-stable SVD
@@ -91,12 +89,9 @@ def rel_err(a, b, scale):
 
 # ---------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def trained_convs():
+def trained_convs(trained_state):
     """Conv weights of the trained ResNet-20, by layer name (shared parameter names)."""
-    if not os.path.exists(WEIGHTS):
-        pytest.skip(f"trained weights not found: {WEIGHTS}")
-    state = dict(np.load(WEIGHTS))
-    convs = {k[:-len(".weight")]: v.astype(np.float32) for k, v in state.items()
+    convs = {k[:-len(".weight")]: v.astype(np.float32) for k, v in trained_state.items()
              if k.endswith(".weight") and v.ndim == 4}
     assert len(convs) == 19  # stem + 18 block convs
     return convs

@@ -14,13 +14,6 @@ torch = pytest.importorskip("torch")
 from backends.torch import Trainer, model_handle  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models train far faster on one thread, and don't stall when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------- helpers (independent of prunekit)

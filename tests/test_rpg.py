@@ -6,7 +6,6 @@ Expectations are computed here in float64 (NumPy SVD, torch autograd on float64 
 weights) from ALGORITHMS.md §1, never read from prunekit's output.
 """
 import math
-import os
 from decimal import ROUND_HALF_UP, Decimal
 
 import numpy as np
@@ -18,7 +17,6 @@ from prunekit.errors import ConfigError
 
 torch = pytest.importorskip("torch")
 
-WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "resnet20_cifar10.npz")
 #: closed-form vs autograd rank gradient, per layer: ‖g − g_ref‖_F <= GRAD_RTOL ‖g_ref‖_F. The
 #: implementation works in float32 (relative rounding ~1e-7, amplified by the projection onto a
 #: subspace whose k-th gap is finite); 1e-3 is far below what a wrong k, a missing chain-rule
@@ -30,21 +28,10 @@ N_UPDATES = math.ceil(T_END / FREQ)
 UPDATES = [t for t in range(1, T_END + 1) if t % FREQ == 0 or t == T_END]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 
 
-@pytest.fixture(scope="module")
-def trained_state():
-    if not os.path.exists(WEIGHTS):
-        pytest.skip(f"trained weights not found: {WEIGHTS}")
-    return dict(np.load(WEIGHTS))
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,6 @@ from prunekit.models import MODELS  # noqa: E402
 OPS = TorchOps()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models train far faster on one thread, and don't stall when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def T(a, dtype="float32"):

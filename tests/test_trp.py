@@ -6,7 +6,6 @@ MAC counts, the rank choices, and configuration errors.
 Expectations are computed here in float64 (NumPy SVD) from ALGORITHMS.md §2, never read from
 prunekit's own output.
 """
-import os
 
 import numpy as np
 import pytest
@@ -19,7 +18,6 @@ from prunekit.flops import count_model
 
 torch = pytest.importorskip("torch")
 
-WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "resnet20_cifar10.npz")
 #: decomposed vs truncated model, eval logits: two float32 convs in a row instead of one
 #: reorder the sums (relative ~1e-6 of logits of order 10); 1e-4 is the stated bound.
 OUTPUT_ATOL = 1e-4
@@ -28,21 +26,10 @@ OUTPUT_ATOL = 1e-4
 PROJ_RTOL = 1e-3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 
 
-@pytest.fixture(scope="module")
-def trained_state():
-    if not os.path.exists(WEIGHTS):
-        pytest.skip(f"trained weights not found: {WEIGHTS}")
-    return dict(np.load(WEIGHTS))
 
 
 @pytest.fixture(scope="module")

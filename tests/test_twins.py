@@ -32,12 +32,6 @@ def spec(name):
     return (1, 28) if name == "mnist_cnn" else (3, 32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _torch_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def handles(name, seed=5):
