@@ -1,6 +1,7 @@
 """The ``prunekit`` command.
 
     prunekit run --backend torch --model resnet20 --dataset cifar10 --sparsity 0.9
+    prunekit run --recipe examples/recipes/rpg-torch.yaml --prune-epochs 1
     prunekit conformance [--backends torch,mindspore] [--out conformance-results]
     prunekit list
 
@@ -53,6 +54,17 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="an algorithm setting, e.g. --set partial_k=0.1 --set lam=0.5 (repeatable)")
     p.add_argument("--decompose-threshold", type=float, default=d.decompose_threshold,
                    help="TRP: singular values kept by the final decomposition (default %(default)s)")
+    p.add_argument("--recipe", default=None, help="a YAML recipe; flags given beside it override its values")
+
+
+def explicit_options(parser: argparse.ArgumentParser, argv: List[str]) -> set:
+    """The destinations of the options that ``argv`` actually names (for recipe overrides)."""
+    given = set()
+    for action in parser._actions:
+        for opt in action.option_strings:
+            if any(tok == opt or tok.startswith(opt + "=") for tok in argv):
+                given.add(action.dest)
+    return given
 
 
 def parse_settings(items: List[str]) -> dict:
@@ -74,7 +86,8 @@ def parse_settings(items: List[str]) -> dict:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="prunekit", description="Neural-network pruning on PyTorch and MindSpore.")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_run_args(sub.add_parser("run", help="train, prune and report on a reference model"))
+    run_parser = sub.add_parser("run", help="train, prune and report on a reference model")
+    _add_run_args(run_parser)
     conf = sub.add_parser("conformance", help="check that the backends make identical decisions")
     conf.add_argument("--backends", default="torch,mindspore")
     conf.add_argument("--out", default="conformance-results")
@@ -86,7 +99,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             fields = {f.name for f in dataclasses.fields(RunConfig)}
             values = {k: v for k, v in vars(args).items() if k in fields}
             values["params"] = parse_settings(values.get("params", []))
-            cfg = RunConfig(**values)
+            if args.recipe:
+                from .recipe import load_recipe
+                given = explicit_options(run_parser, list(argv if argv is not None else sys.argv[1:]))
+                cfg = load_recipe(args.recipe, {k: v for k, v in values.items() if k in given})
+            else:
+                cfg = RunConfig(**values)
             run(cfg)
             return 0
         if args.command == "conformance":
