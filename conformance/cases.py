@@ -145,6 +145,7 @@ def _ops_shapes(backend) -> Outputs:
         "reshape": n(ops.reshape(ta, (6, 4))), "transpose": n(ops.transpose(x4, (1, 0, 3, 2))),
         "concat": n(ops.concat([ta, tb], axis=1)), "stack": n(ops.stack([ta, tb], axis=0)),
         "take": n(ops.take(x4, [2, 0], axis=1)), "split_1": n(pieces[1]), "split_2": n(pieces[2]),
+        "flip": n(ops.flip(x4, 2)), "head": n(ops.head(x4, 3)), "unstack_1": n(ops.unstack(x4)[1]),
         "shape": np.array(ops.shape(x4)), "size": np.array(ops.size(x4)),
         "matmul": n(ops.matmul(ta, ops.swap_last(tb))), "batched_matmul": n(ops.matmul(x4, ops.swap_last(x4))),
     }
@@ -157,6 +158,7 @@ def _ref_shapes() -> Outputs:
     return {
         "reshape": a.reshape(6, 4), "transpose": x4.transpose(1, 0, 3, 2), "concat": np.concatenate([a, b], 1),
         "stack": np.stack([a, b]), "take": x4[:, [2, 0]], "split_1": flat[5:16], "split_2": flat[16:24],
+        "flip": x4[:, :, ::-1], "head": x4[..., :3], "unstack_1": x4[1],
         "shape": np.array(x4.shape), "size": np.array(x4.size), "matmul": a @ b.T,
         "batched_matmul": x4 @ np.swapaxes(x4, -1, -2),
     }

@@ -139,8 +139,8 @@ class SpectrumEngine:
             s_host = ops.to_numpy(s_all).astype(np.float64)
             e_host = ops.to_numpy(energy).astype(np.float64)
             side = "right" if transposed else "left"
-            for i, n in enumerate(names):
-                out[n] = Spectrum(u_all[i], s_host[i], float(e_host[i]), exact, side)
+            for i, (n, basis) in enumerate(zip(names, ops.unstack(u_all))):
+                out[n] = Spectrum(basis, s_host[i], float(e_host[i]), exact, side)
         return out
 
     # ------------------------------------------------------------------ methods
@@ -156,10 +156,7 @@ class SpectrumEngine:
         self.exact_solves += 1
         g = ops.matmul(stack, ops.swap_last(stack))  # (B, m, m)
         w, v = ops.eigh(g)  # ascending
-        m = ops.shape(w)[-1]
-        order = list(range(m - 1, -1, -1))
-        w = ops.take(w, order, axis=1)
-        v = ops.take(v, order, axis=2)
+        w, v = ops.flip(w, 1), ops.flip(v, 2)
         s = ops.sqrt(ops.clip(w, 0.0, None))
         energy = ops.sum(stack * stack, axis=(1, 2))
         return v, s, energy, True
@@ -168,7 +165,7 @@ class SpectrumEngine:
         ops = self.ops
         m = ops.shape(u_all)[-2]
         q = min(m, want + self.oversample)
-        self._basis[key] = ops.take(u_all, list(range(q)), axis=2)
+        self._basis[key] = ops.head(u_all, q)
 
     def _subspace(self, stack, key):
         ops = self.ops
@@ -178,9 +175,7 @@ class SpectrumEngine:
         small = ops.matmul(ops.swap_last(q), ops.matmul(g, q))  # (B, q, q)
         w, v = ops.eigh(small)
         k = ops.shape(w)[-1]
-        order = list(range(k - 1, -1, -1))
-        w = ops.take(w, order, axis=1)
-        v = ops.take(v, order, axis=2)
+        w, v = ops.flip(w, 1), ops.flip(v, 2)
         u = ops.matmul(q, v)
         self._basis[key] = u
         s = ops.sqrt(ops.clip(w, 0.0, None))
@@ -193,7 +188,7 @@ def project_top(ops: Ops, m: Tensor, spec: Spectrum, k: int) -> Tensor:
     """Best rank-k approximation of M (Eckart–Young): U_k U_kᵀ M, or M V_k V_kᵀ."""
     if k <= 0:
         return ops.zeros_like(m)
-    bk = ops.take(spec.basis, list(range(k)), axis=1)
+    bk = ops.head(spec.basis, k)
     if spec.side == "left":
         return ops.matmul(bk, ops.matmul(ops.swap_last(bk), m))
     return ops.matmul(ops.matmul(m, bk), ops.swap_last(bk))
@@ -202,7 +197,7 @@ def project_top(ops: Ops, m: Tensor, spec: Spectrum, k: int) -> Tensor:
 def top_factors(ops: Ops, m: Tensor, spec: Spectrum, r: int) -> Tuple[Tensor, Tensor, Tensor]:
     """(U_r, S_r, Vh_r) of M from its spectrum: the missing side is M's product with the known
     one divided by σ (only call with σ_r > 0, e.g. ranks chosen by energy)."""
-    br = ops.take(spec.basis, list(range(r)), axis=1)
+    br = ops.head(spec.basis, r)
     s = ops.asarray(spec.s[:r].astype(np.float32), like=m)
     inv = ops.asarray((1.0 / np.maximum(spec.s[:r], 1e-30)).astype(np.float32), like=m)
     if spec.side == "left":

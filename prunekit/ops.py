@@ -188,6 +188,19 @@ class Ops(abc.ABC):
     def take(self, x: Tensor, indices: Sequence[int] | Tensor, axis: int) -> Tensor:
         """Select ``indices`` along ``axis`` (used by compaction and channel masks)."""
 
+    def flip(self, x: Tensor, axis: int) -> Tensor:
+        """Reverse the order along ``axis``."""
+        n = self.shape(x)[axis]
+        return self.take(x, list(range(n - 1, -1, -1)), axis)
+
+    def head(self, x: Tensor, k: int) -> Tensor:
+        """The first ``k`` entries along the last axis (a slice, not a gather)."""
+        return x[..., :k]
+
+    def unstack(self, x: Tensor) -> List[Tensor]:
+        """The slices of ``x`` along its first axis."""
+        return [x[i] for i in range(self.shape(x)[0])]
+
     def size(self, x: Tensor) -> int:
         return int(np.prod(self.shape(x), dtype=np.int64))
 

@@ -172,6 +172,12 @@ class TorchOps(Ops):
             indices = torch.as_tensor(np.asarray(indices, dtype=np.int64), device=x.device)
         return torch.index_select(x, axis, indices.to(x.device))
 
+    def unstack(self, x):
+        return list(torch.unbind(x, 0))
+
+    def flip(self, x, axis):
+        return torch.flip(x, dims=(axis,))
+
     # linear algebra
     def matmul(self, a, b):
         return torch.matmul(a, b)
