@@ -379,12 +379,12 @@ def _conv_weights(scenario: str) -> Dict[str, np.ndarray]:
     return {k: v.astype(np.float32) for k, v in weight_scenarios()[scenario].items()}
 
 
-def _rpg_rank_term(backend, scenario: str, spectrum: str) -> Outputs:
+def _rpg_rank_term(backend, scenario: str, spectrum: str, rank_on: str = "device") -> Outputs:
     from prunekit.algorithms.rpg import RPGConfig, RPGPruner
 
     ops = backend.Ops()
     h = ArrayHandle(ops, _conv_weights(scenario), DEPTHWISE_GROUPS)
-    algo = RPGPruner(RPGConfig(sparsity=0.9, partial_k=0.1, spectrum=spectrum)).bind(h, 1000)
+    algo = RPGPruner(RPGConfig(sparsity=0.9, partial_k=0.1, spectrum=spectrum, rank_on=rank_on)).bind(h, 1000)
     grads = algo.rank_gradients()
     out = {f"rank/{n}": np.array(k) for n, k in algo.ranks.items()}
     out.update({f"grad/{n}": ops.to_numpy(g) for n, g in grads.items()})
@@ -436,13 +436,13 @@ def _rpg_update(backend, scenario: str) -> Outputs:
     return out
 
 
-def _trp_step(backend, scenario: str, scheme: str) -> Outputs:
+def _trp_step(backend, scenario: str, scheme: str, rank_on: str = "device") -> Outputs:
     from prunekit.algorithms.trp import TRPConfig, TRPPruner
 
     ops = backend.Ops()
     weights = _conv_weights(scenario)
     h = ArrayHandle(ops, weights, DEPTHWISE_GROUPS)
-    algo = TRPPruner(TRPConfig(energy=0.9, lam=1e-2, scheme=scheme))
+    algo = TRPPruner(TRPConfig(energy=0.9, lam=1e-2, scheme=scheme, rank_on=rank_on))
     # ArrayHandle layers have no stem: keep every k×k, non-grouped conv
     algo.select_layers = lambda layers: [l for l in layers if l.kind == "conv" and min(l.kernel_size) > 1 and l.groups == 1]
     algo.bind(h, 10)
@@ -545,15 +545,17 @@ def all_cases() -> List[Case]:
                           lambda b, s=scenario: _decision_ranks(b, s), lambda s=scenario: _ref_decision_ranks(s)))
     grad_tol = {"grad": Tol("close", atol=1e-5, rtol=1e-3)}
     for scenario in RANK_SCENARIOS:
-        for spectrum in ("exact", "gram"):
-            cases.append(Case(f"decisions/rpg_rank_term/{spectrum}/{scenario}", "decisions",
-                              lambda b, s=scenario, m=spectrum: _rpg_rank_term(b, s, m),
+        # the rank term on the framework's device and on the host (NumPy), where MindSpore-on-CPU runs it
+        for spectrum, rank_on in (("exact", "device"), ("gram", "device"), ("gram", "host")):
+            cases.append(Case(f"decisions/rpg_rank_term/{spectrum}-{rank_on}/{scenario}", "decisions",
+                              lambda b, s=scenario, m=spectrum, o=rank_on: _rpg_rank_term(b, s, m, o),
                               lambda s=scenario: _ref_rpg_rank_term(s), grad_tol))
         cases.append(Case(f"decisions/rpg_mask_update/{scenario}", "decisions",
                           lambda b, s=scenario: _rpg_update(b, s)))
-        for scheme in ("channel", "spatial") if scenario != "pointwise_and_depthwise" else ():  # TRP skips 1x1/depthwise
-            cases.append(Case(f"decisions/trp_step/{scheme}/{scenario}", "decisions",
-                              lambda b, s=scenario, c=scheme: _trp_step(b, s, c),
+        variants = (("channel", "device"), ("spatial", "device"), ("channel", "host"))
+        for scheme, rank_on in variants if scenario != "pointwise_and_depthwise" else ():  # TRP skips 1x1/depthwise
+            cases.append(Case(f"decisions/trp_step/{scheme}-{rank_on}/{scenario}", "decisions",
+                              lambda b, s=scenario, c=scheme, o=rank_on: _trp_step(b, s, c, o),
                               lambda s=scenario, c=scheme: _ref_trp_step(s, c),
                               {"projected": Tol("close", atol=1e-4, rtol=1e-4),
                                "nuclear_grad": Tol("close", atol=1e-5, rtol=1e-3)}))

@@ -189,7 +189,7 @@ def run(cfg: RunConfig, echo=print) -> dict:
 
     run_info = {"backend": cfg.backend, "algorithm": cfg.algorithm, "dataset": cfg.dataset,
                 "train_images": int(len(ds.y_train)), "test_images": int(len(ds.y_test)),
-                "target_sparsity": cfg.sparsity if "sparsity" in algorithm.describe() or cfg.algorithm == "magnitude" else None,
+                "target_sparsity": cfg.sparsity if hasattr(algorithm.config, "sparsity") else None,
                 "granularity": cfg.granularity, "scope": cfg.scope,
                 "schedule": cfg.schedule, "dense_epochs": cfg.dense_epochs, "prune_epochs": cfg.prune_epochs,
                 "steps": (cfg.dense_epochs + cfg.prune_epochs) * steps_per_epoch,

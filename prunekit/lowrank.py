@@ -205,3 +205,24 @@ def top_factors(ops: Ops, m: Tensor, spec: Spectrum, r: int) -> Tuple[Tensor, Te
         return br, s, vh
     u = ops.matmul(m, br) * ops.reshape(inv, (1, r))
     return u, s, ops.swap_last(br)
+
+
+def rank_ops(ops: Ops, where: str = "auto") -> Ops:
+    """The ops the rank machinery runs on: the backend's (``"device"``), NumPy's (``"host"``),
+    or the backend's preference (``"auto"``, its ``prefers_host_linalg`` attribute)."""
+    if where == "host" or (where == "auto" and getattr(ops, "prefers_host_linalg", False)):
+        from .numpy_ops import NumpyOps
+        return NumpyOps()
+    return ops
+
+
+def to_rank_ops(algorithm, x: Tensor) -> Tensor:
+    """A backend tensor in the algorithm's rank ops (a host copy when those are NumPy's)."""
+    return x if algorithm.rank_ops is algorithm.ops else algorithm.ops.to_numpy(x)
+
+
+def from_rank_ops(algorithm, x, layer: str) -> Tensor:
+    """A rank-ops result back as a backend tensor beside the layer's weight."""
+    if algorithm.rank_ops is algorithm.ops:
+        return x
+    return algorithm.ops.asarray(np.asarray(x, dtype=np.float32), like=algorithm.handle.weight(layer))

@@ -74,6 +74,7 @@ def test_job_runs_rpg_with_ranks_in_report(backend, tmp_path):
     report = run(RunConfig(backend=backend, algorithm="rpg", sparsity=0.9, out=str(tmp_path / "rpg"),
                            **dict(TINY, dense_epochs=0)), echo=lambda *a: None)
     assert abs(report["totals"]["prunable_sparsity"] - 0.9) < 1e-4
+    assert report["run"]["target_sparsity"] == 0.9
     convs = [r for r in report["layers"] if r["kind"] == "conv"]
     assert all("rank" in r and r["rank"] >= 1 for r in convs)
     assert all("rank" not in r for r in report["layers"] if r["kind"] == "linear")
@@ -97,3 +98,4 @@ def test_job_runs_trp_and_decomposes(backend, tmp_path):
     assert report["totals"]["dense_macs"] == dec["macs_after"]
     assert dec["flops_reduction"] == pytest.approx(dec["macs_before"] / dec["macs_after"])
     assert "after_decomposition" in report["accuracy"]
+    assert "target_sparsity" not in report["run"]  # TRP has no sparsity target

@@ -91,6 +91,12 @@ class MindSporeOps(Ops):
         self.qr_mode = _mode("qr", qr, "device")
         self.eigh_mode = _mode("eigh", eigh, "auto", LINALG_MODES + ("auto",))
 
+    @property
+    def prefers_host_linalg(self) -> bool:
+        """On a CPU, many small PyNative ops cost more than a host copy: RPG/TRP's rank term runs
+        faster in NumPy there (``rank_on="auto"``). On Ascend/GPU the device is used."""
+        return ms.get_context("device_target") == "CPU"
+
     # creation / conversion
     def asarray(self, data, dtype="float32", like=None):
         if isinstance(data, ms.Tensor):

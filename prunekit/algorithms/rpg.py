@@ -28,7 +28,9 @@ Semantics (``semantics``):
   regrowth score (the dense gradient of task + λ·rank loss).
 
 The spectra come from :class:`prunekit.lowrank.SpectrumEngine` (``spectrum`` = "exact",
-"gram" or "subspace"), batched over same-shape layers.
+"gram" or "subspace"), batched over same-shape layers. ``rank_on`` chooses where the rank term
+is computed: on the framework's device, or on the host with NumPy (``"auto"`` asks the backend:
+MindSpore on a CPU prefers the host, whose small-op overhead is far lower than PyNative's).
 """
 from __future__ import annotations
 
@@ -39,13 +41,14 @@ from typing import Dict, Optional
 import numpy as np
 
 from ..errors import ConfigError
-from ..lowrank import METHODS, SpectrumEngine, matrix_view, project_top
+from ..lowrank import METHODS, SpectrumEngine, from_rank_ops, matrix_view, project_top, rank_ops, to_rank_ops
 from ..schedules import SparsitySchedule
 from ..selection import check_sparsity, residual_rank, topk_mask
 from .base import Algorithm
 from .magnitude import magnitude_masks
 
 SEMANTICS = ("paper", "release")
+RANK_ON = ("auto", "device", "host")
 
 
 @dataclass
@@ -60,9 +63,12 @@ class RPGConfig:
     drop_alpha: float = 0.3
     spectrum: str = "gram"
     refresh_every: int = 50
+    rank_on: str = "auto"  # "device", "host" (NumPy), or "auto": the backend's preference
 
     def __post_init__(self):
         self.sparsity = check_sparsity(self.sparsity)
+        if self.rank_on not in RANK_ON:
+            raise ConfigError(f"unknown rank_on {self.rank_on!r}; expected one of {', '.join(RANK_ON)}")
         if not (0.0 < self.partial_k < 1.0):
             raise ConfigError(f"partial_k must be in (0, 1), got {self.partial_k!r}")
         if not (self.lam >= 0.0 and math.isfinite(self.lam)):
@@ -96,7 +102,8 @@ class RPGPruner(Algorithm):
         self.conv_layers = [l for l in self.layers if l.kind == "conv"]
         self.t_end = max(0, int(math.floor(c.end_fraction * max(0, self.total_steps - 1))))
         self.schedule = SparsitySchedule(c.sparsity, 0, self.t_end, c.frequency, "exponential")
-        self.engine = SpectrumEngine(self.ops, c.spectrum, c.refresh_every)
+        self.rank_ops = rank_ops(self.ops, c.rank_on)
+        self.engine = SpectrumEngine(self.rank_ops, c.spectrum, c.refresh_every)
         return self
 
     # ------------------------------------------------------------------ schedule
@@ -125,25 +132,24 @@ class RPGPruner(Algorithm):
         scores = {n: grads[n] for n in grads if n in {l.name for l in self.layers}}
         # the dense gradient of the whole loss, task + λ·rank term, in both semantics
         if self.config.lam > 0:
-            for n, g in self.rank_gradients().items():
-                scores[n] = scores[n] + g * self.config.lam
+            for n, g in self.rank_gradients(scale=self.config.lam).items():
+                scores[n] = scores[n] + g
         self._dense_scores = {n: self.ops.abs(self.ops.stop_gradient(g)) for n, g in scores.items()}
 
     def transform_gradients(self, step, grads):
         c = self.config
         if c.semantics != "paper" or c.lam == 0.0 or step % c.rank_every != 0:
             return grads
-        for name, g in self.rank_gradients().items():
-            term = g * c.lam
+        for name, term in self.rank_gradients(scale=c.lam).items():
             if name in self.masks:
                 term = term * self.masks[name]
             grads[name] = grads[name] + term
         return grads
 
-    def rank_gradients(self) -> Dict[str, object]:
-        """∂(L_rank)/∂W for every conv layer (L_rank the mean of ℓ over layers)."""
-        ops = self.ops
-        mats = {l.name: matrix_view(ops, self.handle.weight(l.name)) for l in self.conv_layers}
+    def rank_gradients(self, scale: float = 1.0) -> Dict[str, object]:
+        """``scale``·∂(L_rank)/∂W for every conv layer (L_rank the mean of ℓ over layers)."""
+        ops = self.rank_ops
+        mats = {l.name: matrix_view(ops, to_rank_ops(self, self.handle.weight(l.name))) for l in self.conv_layers}
         spectra = self.engine.spectra(mats, {n: self.ranks.get(n, 1) for n in mats})
         out, loss = {}, 0.0
         n_layers = len(mats)
@@ -159,8 +165,8 @@ class RPGPruner(Algorithm):
             mn = m * (1.0 / nrm)
             r = mn - project_top(ops, mn, spec, k)
             r2 = float(max(0.0, 1.0 - np.sum(spec.s[:k] ** 2) / spec.total_energy))  # ‖R‖² from the spectrum
-            grad = (mn * r2 - r) * (2.0 / (nrm * n_layers))
-            out[l.name] = ops.reshape(grad, l.weight_shape)
+            grad = (mn * r2 - r) * (2.0 * scale / (nrm * n_layers))
+            out[l.name] = from_rank_ops(self, ops.reshape(grad, l.weight_shape), l.name)
             loss -= r2
         self.rank_loss = loss / max(1, n_layers)
         return out

@@ -27,7 +27,10 @@ from typing import Dict, Optional
 import numpy as np
 
 from ..errors import ConfigError
-from ..lowrank import METHODS, SCHEMES, SpectrumEngine, from_matrix_view, matrix_view, project_top, top_factors
+from ..lowrank import (METHODS, SCHEMES, SpectrumEngine, from_matrix_view, from_rank_ops, matrix_view, project_top,
+                       rank_ops, to_rank_ops)
+from ..lowrank import top_factors
+from .rpg import RANK_ON
 from ..selection import energy_rank, value_rank
 from .base import Algorithm
 
@@ -41,8 +44,11 @@ class TRPConfig:
     threshold: float = 0.05
     spectrum: str = "gram"
     refresh_every: int = 50
+    rank_on: str = "auto"  # "device", "host" (NumPy), or "auto": the backend's preference
 
     def __post_init__(self):
+        if self.rank_on not in RANK_ON:
+            raise ConfigError(f"unknown rank_on {self.rank_on!r}; expected one of {', '.join(RANK_ON)}")
         if not (0.0 < self.energy <= 1.0):
             raise ConfigError(f"energy must be in (0, 1], got {self.energy!r}")
         if not (self.lam >= 0.0 and math.isfinite(self.lam)):
@@ -71,15 +77,16 @@ class TRPPruner(Algorithm):
     def bind(self, handle, total_steps):
         super().bind(handle, total_steps)
         c = self.config
-        self.engine = SpectrumEngine(self.ops, c.spectrum, c.refresh_every)
+        self.rank_ops = rank_ops(self.ops, c.rank_on)
+        self.engine = SpectrumEngine(self.rank_ops, c.spectrum, c.refresh_every)
         return self
 
     def transform_gradients(self, step, grads):
         c = self.config
         if step % c.every != 0:
             return grads
-        ops = self.ops
-        mats = {l.name: matrix_view(ops, self.handle.weight(l.name), c.scheme) for l in self.layers}
+        ops = self.rank_ops
+        mats = {l.name: matrix_view(ops, to_rank_ops(self, self.handle.weight(l.name)), c.scheme) for l in self.layers}
         spectra = self.engine.spectra(mats, {n: self.ranks.get(n, 1) for n in mats})
         for l in self.layers:
             spec = spectra[l.name]
@@ -89,10 +96,12 @@ class TRPPruner(Algorithm):
             if r == 0:
                 continue
             if r < min(ops.shape(m)):
-                self.handle.set_weight(l.name, from_matrix_view(ops, project_top(ops, m, spec, r), l.weight_shape, c.scheme))
+                truncated = from_matrix_view(ops, project_top(ops, m, spec, r), l.weight_shape, c.scheme)
+                self.handle.set_weight(l.name, from_rank_ops(self, truncated, l.name))
             if c.lam > 0 and l.name in grads:
                 u, _, vh = top_factors(ops, m, spec, r)
-                grads[l.name] = grads[l.name] + from_matrix_view(ops, ops.matmul(u, vh), l.weight_shape, c.scheme) * c.lam
+                term = from_matrix_view(ops, ops.matmul(u, vh) * c.lam, l.weight_shape, c.scheme)
+                grads[l.name] = grads[l.name] + from_rank_ops(self, term, l.name)
         return grads
 
     def plan(self):
