@@ -447,6 +447,7 @@ def _trp_step(backend, scenario: str, scheme: str, rank_on: str = "device") -> O
     algo.select_layers = lambda layers: [l for l in layers if l.kind == "conv" and min(l.kernel_size) > 1 and l.groups == 1]
     algo.bind(h, 10)
     zero = {l.name: ops.zeros(l.weight_shape) for l in algo.layers}
+    algo.before_step(0)
     grads = algo.transform_gradients(0, dict(zero))
     out = {}
     for l in algo.layers:

@@ -120,6 +120,13 @@ class RPGPruner(Algorithm):
     def before_step(self, step: int) -> None:
         if self.is_update_step(step):
             self.update_masks(step)
+        c = self.config
+        # The rank term depends on the weights alone, which do not change between here and the
+        # optimizer step: computing it before the forward pass gives the same gradient and keeps
+        # host synchronisation out of the middle of an asynchronous (compiled) step.
+        self._pending = None
+        if c.semantics == "paper" and c.lam > 0.0 and step % c.rank_every == 0:
+            self._pending = self.rank_gradients(scale=c.lam)
 
     def finish(self) -> None:
         if abs(self.current_sparsity - self.config.sparsity) > 1e-12:
@@ -137,10 +144,10 @@ class RPGPruner(Algorithm):
         self._dense_scores = {n: self.ops.abs(self.ops.stop_gradient(g)) for n, g in scores.items()}
 
     def transform_gradients(self, step, grads):
-        c = self.config
-        if c.semantics != "paper" or c.lam == 0.0 or step % c.rank_every != 0:
+        pending, self._pending = getattr(self, "_pending", None), None
+        if not pending:
             return grads
-        for name, term in self.rank_gradients(scale=c.lam).items():
+        for name, term in pending.items():
             if name in self.masks:
                 term = term * self.masks[name]
             grads[name] = grads[name] + term

@@ -9,8 +9,9 @@ negligible loss and no fine-tuning.
   ("channel" = NC, "spatial" = VH; see :mod:`prunekit.lowrank`): r = the smallest rank with
   Σ_{i≤r} σ_i² ≥ e·E; the weight is replaced by its rank-r truncation (the TRP projection) and
   λ·U_r V_rᵀ (the nuclear-norm sub-gradient of the truncated factors) is added to its gradient;
-  then the optimizer steps. Both happen in ``transform_gradients``, i.e. after backward and
-  before the optimizer step, as in the release.
+  then the optimizer steps. Both are applied in ``transform_gradients``, i.e. after backward
+  and before the optimizer step, as in the release (they are computed in ``before_step``, from
+  the same weights).
 * Final decomposition (:func:`decomposition_factors`): keep singular values ≥ ``threshold``
   (0.05, the release's) — or a fixed ``rank`` / ``energy`` — and split each layer into two convs.
   NC: conv r×C_in×kh×kw (the original stride and padding) then 1×1 conv C_out×r (with the
@@ -81,13 +82,18 @@ class TRPPruner(Algorithm):
         self.engine = SpectrumEngine(self.rank_ops, c.spectrum, c.refresh_every)
         return self
 
-    def transform_gradients(self, step, grads):
+    def before_step(self, step: int) -> None:
+        # Everything TRP needs depends on the weights alone, which do not change between here and
+        # the optimizer step: computing it before the forward pass gives the same result and keeps
+        # host synchronisation out of the middle of an asynchronous (compiled) step.
         c = self.config
+        self._pending = None
         if step % c.every != 0:
-            return grads
+            return
         ops = self.rank_ops
         mats = {l.name: matrix_view(ops, to_rank_ops(self, self.handle.weight(l.name)), c.scheme) for l in self.layers}
         spectra = self.engine.spectra(mats, {n: self.ranks.get(n, 1) for n in mats})
+        pending = {}
         for l in self.layers:
             spec = spectra[l.name]
             r = energy_rank(spec.s, c.energy, spec.total_energy)
@@ -95,13 +101,25 @@ class TRPPruner(Algorithm):
             m = mats[l.name]
             if r == 0:
                 continue
+            truncated = term = None
             if r < min(ops.shape(m)):
-                truncated = from_matrix_view(ops, project_top(ops, m, spec, r), l.weight_shape, c.scheme)
-                self.handle.set_weight(l.name, from_rank_ops(self, truncated, l.name))
-            if c.lam > 0 and l.name in grads:
+                truncated = from_rank_ops(self, from_matrix_view(ops, project_top(ops, m, spec, r), l.weight_shape,
+                                                                 c.scheme), l.name)
+            if c.lam > 0:
                 u, _, vh = top_factors(ops, m, spec, r)
-                term = from_matrix_view(ops, ops.matmul(u, vh) * c.lam, l.weight_shape, c.scheme)
-                grads[l.name] = grads[l.name] + from_rank_ops(self, term, l.name)
+                term = from_rank_ops(self, from_matrix_view(ops, ops.matmul(u, vh) * c.lam, l.weight_shape, c.scheme),
+                                     l.name)
+            pending[l.name] = (truncated, term)
+        self._pending = pending
+
+    def transform_gradients(self, step, grads):
+        """The TRP projection of the weights and the nuclear-norm term on their gradients."""
+        pending, self._pending = getattr(self, "_pending", None), None
+        for name, (truncated, term) in (pending or {}).items():
+            if truncated is not None:
+                self.handle.set_weight(name, truncated)
+            if term is not None and name in grads:
+                grads[name] = grads[name] + term
         return grads
 
     def plan(self):
