@@ -95,23 +95,32 @@ def test_layer_selection_resnet20_and_mobilenetv2():
 
 # ---------------------------------------------------------------- a training step
 class StepSpy:
-    """Records weights and gradients around TRPPruner.transform_gradients."""
+    """Records the weights around TRPPruner.before_step (where the projection happens) and the
+    gradients around TRPPruner.transform_gradients (where the nuclear term is added)."""
 
     def __init__(self, alg):
         self.calls = []
-        orig = alg.transform_gradients
+        orig, orig_before = alg.transform_gradients, alg.before_step
+        weights = {}
+
+        def before_step(step):
+            weights["before"] = alg.handle.weights_numpy()
+            orig_before(step)
+            weights["after"] = alg.handle.weights_numpy()
 
         def transform_gradients(step, grads):
             ops = alg.ops
-            before = alg.handle.weights_numpy()
+            before = weights["before"]
             g_in = {n: ops.to_numpy(g).astype(np.float64) for n, g in grads.items()}
             out = orig(step, grads)
-            after = alg.handle.weights_numpy()
+            after = weights["after"]
+            np.testing.assert_array_equal(alg.handle.weights_numpy()[alg.layers[0].name], after[alg.layers[0].name])
             g_out = {n: ops.to_numpy(g).astype(np.float64) for n, g in out.items()}
             self.calls.append((step, before, after, g_in, g_out, dict(alg.ranks)))
             return out
 
         alg.transform_gradients = transform_gradients
+        alg.before_step = before_step
 
 
 def one_step(backend, state, batch, **config):

@@ -7,11 +7,12 @@ negligible loss and no fine-tuning.
   layers are left alone.
 * Every ``every`` steps (the release's m), per layer, on the matrix view of ``scheme``
   ("channel" = NC, "spatial" = VH; see :mod:`prunekit.lowrank`): r = the smallest rank with
-  Σ_{i≤r} σ_i² ≥ e·E; the weight is replaced by its rank-r truncation (the TRP projection) and
-  λ·U_r V_rᵀ (the nuclear-norm sub-gradient of the truncated factors) is added to its gradient;
-  then the optimizer steps. Both are applied in ``transform_gradients``, i.e. after backward
-  and before the optimizer step, as in the release (they are computed in ``before_step``, from
-  the same weights).
+  Σ_{i≤r} σ_i² ≥ e·E; the weight is replaced by its rank-r truncation (the TRP projection) at
+  the start of the step, so the step's gradient is taken at the rank-r weights, and
+  λ·U_r V_rᵀ (the nuclear-norm sub-gradient of the truncated factors) is added to that gradient
+  before the optimizer steps: W ← T(W) − η(∇f(T(W)) + λ U_r V_rᵀ). (A decision: the
+  specification does not say whether the step's gradient is taken before or after the
+  projection; after it, the network trains in the low-rank space it will be decomposed into.)
 * Final decomposition (:func:`decomposition_factors`): keep singular values ≥ ``threshold``
   (0.05, the release's) — or a fixed ``rank`` / ``energy`` — and split each layer into two convs.
   NC: conv r×C_in×kh×kw (the original stride and padding) then 1×1 conv C_out×r (with the
@@ -83,9 +84,9 @@ class TRPPruner(Algorithm):
         return self
 
     def before_step(self, step: int) -> None:
-        # Everything TRP needs depends on the weights alone, which do not change between here and
-        # the optimizer step: computing it before the forward pass gives the same result and keeps
-        # host synchronisation out of the middle of an asynchronous (compiled) step.
+        # Projection before the forward pass: the step's gradient is taken at the rank-r weights,
+        # W ← T(W) − η(∇f(T(W)) + λ·U_r V_rᵀ); and no host synchronisation in the middle of an
+        # asynchronous (compiled) step.
         c = self.config
         self._pending = None
         if step % c.every != 0:
@@ -101,24 +102,20 @@ class TRPPruner(Algorithm):
             m = mats[l.name]
             if r == 0:
                 continue
-            truncated = term = None
-            if r < min(ops.shape(m)):
-                truncated = from_rank_ops(self, from_matrix_view(ops, project_top(ops, m, spec, r), l.weight_shape,
-                                                                 c.scheme), l.name)
+            if r < min(ops.shape(m)):  # the TRP projection: this step trains the rank-r weights
+                truncated = from_matrix_view(ops, project_top(ops, m, spec, r), l.weight_shape, c.scheme)
+                self.handle.set_weight(l.name, from_rank_ops(self, truncated, l.name))
             if c.lam > 0:
                 u, _, vh = top_factors(ops, m, spec, r)
-                term = from_rank_ops(self, from_matrix_view(ops, ops.matmul(u, vh) * c.lam, l.weight_shape, c.scheme),
-                                     l.name)
-            pending[l.name] = (truncated, term)
+                pending[l.name] = from_rank_ops(
+                    self, from_matrix_view(ops, ops.matmul(u, vh) * c.lam, l.weight_shape, c.scheme), l.name)
         self._pending = pending
 
     def transform_gradients(self, step, grads):
-        """The TRP projection of the weights and the nuclear-norm term on their gradients."""
+        """The nuclear-norm sub-gradient λ·U_r V_rᵀ on the projected layers' gradients."""
         pending, self._pending = getattr(self, "_pending", None), None
-        for name, (truncated, term) in (pending or {}).items():
-            if truncated is not None:
-                self.handle.set_weight(name, truncated)
-            if term is not None and name in grads:
+        for name, term in (pending or {}).items():
+            if name in grads:
                 grads[name] = grads[name] + term
         return grads
 
