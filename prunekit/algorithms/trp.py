@@ -30,8 +30,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..lowrank import (METHODS, SCHEMES, SpectrumEngine, from_matrix_view, from_rank_ops, matrix_view, project_top,
-                       rank_ops, to_rank_ops)
-from ..lowrank import top_factors
+                       rank_ops, to_rank_ops, top_factors)
 from .rpg import RANK_ON
 from ..selection import energy_rank, value_rank
 from .base import Algorithm
