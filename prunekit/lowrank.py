@@ -125,17 +125,14 @@ class SpectrumEngine:
             key = (shape, tuple(names))
             want = max([need.get(n, 0) for n in names] + [1])
             if self.method == "exact":
-                res = self._exact_svd(stack)
-            elif self.method == "gram" or refresh or key not in self._basis:
-                res = self._gram(stack)
+                u_all, s_all, exact = self._exact_svd(stack)
+            elif self.method == "subspace" and not refresh and self._basis_fits(key, stack, want):
+                u_all, s_all, exact = self._subspace(stack, key)
+            else:  # gram; or subspace needing an exact solve (first call, refresh, basis too small)
+                u_all, s_all, exact = self._gram(stack)
                 if self.method == "subspace":
-                    self._store_basis(key, res[0], want)
-            elif ops.shape(self._basis[key])[-1] < min(ops.shape(stack)[-2], want + 1):
-                res = self._gram(stack)  # the basis is too small for the rank now needed
-                self._store_basis(key, res[0], want)
-            else:
-                res = self._subspace(stack, key)
-            u_all, s_all, energy, exact = res
+                    self._store_basis(key, u_all, want)
+            energy = ops.sum(stack * stack, axis=(1, 2))
             s_host = ops.to_numpy(s_all).astype(np.float64)
             e_host = ops.to_numpy(energy).astype(np.float64)
             side = "right" if transposed else "left"
@@ -145,21 +142,26 @@ class SpectrumEngine:
 
     # ------------------------------------------------------------------ methods
     def _exact_svd(self, stack):
-        ops = self.ops
         self.exact_solves += 1
-        u, s, _ = ops.svd(stack)
-        energy = ops.sum(stack * stack, axis=(1, 2))
-        return u, s, energy, True
+        u, s, _ = self.ops.svd(stack)
+        return u, s, True
 
-    def _gram(self, stack):
+    def _descending_eigh(self, g):
+        """(σ, vectors) of symmetric PSD matrices g = M Mᵀ, σ descending."""
         ops = self.ops
-        self.exact_solves += 1
-        g = ops.matmul(stack, ops.swap_last(stack))  # (B, m, m)
         w, v = ops.eigh(g)  # ascending
         w, v = ops.flip(w, 1), ops.flip(v, 2)
-        s = ops.sqrt(ops.clip(w, 0.0, None))
-        energy = ops.sum(stack * stack, axis=(1, 2))
-        return v, s, energy, True
+        return ops.sqrt(ops.clip(w, 0.0, None)), v
+
+    def _gram(self, stack):
+        self.exact_solves += 1
+        s, v = self._descending_eigh(self.ops.matmul(stack, self.ops.swap_last(stack)))  # G: (B, m, m)
+        return v, s, True
+
+    def _basis_fits(self, key, stack, want: int) -> bool:
+        """A stored warm-start basis that holds the rank now needed (plus one)."""
+        ops = self.ops
+        return key in self._basis and ops.shape(self._basis[key])[-1] >= min(ops.shape(stack)[-2], want + 1)
 
     def _store_basis(self, key, u_all, want: int) -> None:
         ops = self.ops
@@ -169,19 +171,12 @@ class SpectrumEngine:
 
     def _subspace(self, stack, key):
         ops = self.ops
-        q_basis = self._basis[key]  # (B, m, q)
         g = ops.matmul(stack, ops.swap_last(stack))
-        q, _ = ops.qr(ops.matmul(g, q_basis))
-        small = ops.matmul(ops.swap_last(q), ops.matmul(g, q))  # (B, q, q)
-        w, v = ops.eigh(small)
-        k = ops.shape(w)[-1]
-        w, v = ops.flip(w, 1), ops.flip(v, 2)
+        q, _ = ops.qr(ops.matmul(g, self._basis[key]))  # one block power step from the stored basis
+        s, v = self._descending_eigh(ops.matmul(ops.swap_last(q), ops.matmul(g, q)))  # Rayleigh-Ritz, (B, q, q)
         u = ops.matmul(q, v)
         self._basis[key] = u
-        s = ops.sqrt(ops.clip(w, 0.0, None))
-        energy = ops.sum(stack * stack, axis=(1, 2))
-        m = ops.shape(stack)[-2]
-        return u, s, energy, k >= m
+        return u, s, ops.shape(s)[-1] >= ops.shape(stack)[-2]
 
 
 def project_top(ops: Ops, m: Tensor, spec: Spectrum, k: int) -> Tensor:

@@ -95,6 +95,7 @@ class RPGPruner(Algorithm):
         self.rank_loss: Optional[float] = None
         self.current_sparsity = 0.0
         self._dense_scores: Dict[str, object] = {}
+        self._pending: Optional[Dict[str, object]] = None  # terms computed in before_step
 
     def bind(self, handle, total_steps):
         super().bind(handle, total_steps)
@@ -144,7 +145,7 @@ class RPGPruner(Algorithm):
         self._dense_scores = {n: self.ops.abs(self.ops.stop_gradient(g)) for n, g in scores.items()}
 
     def transform_gradients(self, step, grads):
-        pending, self._pending = getattr(self, "_pending", None), None
+        pending, self._pending = self._pending, None
         if not pending:
             return grads
         for name, term in pending.items():

@@ -69,6 +69,7 @@ class TRPPruner(Algorithm):
         super().__init__()
         self.config = config or TRPConfig(**kwargs)
         self.ranks: Dict[str, int] = {}
+        self._pending: Optional[Dict[str, object]] = None  # terms computed in before_step
 
     def select_layers(self, layers):
         convs = [l for l in layers if l.kind == "conv"]
@@ -112,7 +113,7 @@ class TRPPruner(Algorithm):
 
     def transform_gradients(self, step, grads):
         """The nuclear-norm sub-gradient λ·U_r V_rᵀ on the projected layers' gradients."""
-        pending, self._pending = getattr(self, "_pending", None), None
+        pending, self._pending = self._pending, None
         for name, term in (pending or {}).items():
             if name in grads:
                 grads[name] = grads[name] + term
