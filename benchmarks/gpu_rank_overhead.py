@@ -1,0 +1,107 @@
+"""Step-time cost of RPG's rank term and TRP's projection on a GPU: torchvision ResNet-50.
+
+The issue's GPU setting: torchvision ResNet-50, batch 256, bf16 autocast, channels-last, one
+CUDA GPU. Inputs are random 224x224 tensors held on the GPU (a speed measurement: no ImageNet
+here, and the step's cost does not depend on pixel values). Trainers: plain SGD, RPG with the
+rank term every step (``rank_every = 1``, fixed masks inside the window so the ratio isolates the
+rank machinery) and TRP acting every step (``m = 1``), each with the given spectrum methods;
+``exact`` (batched full SVD) is the full-SVD figure beside them. Steps alternate between the
+trainers in blocks; medians of per-step times (CUDA-synchronised) are compared.
+
+    python benchmarks/gpu_rank_overhead.py [--methods gram,subspace,exact] [--batch 256] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import torchvision  # noqa: E402
+
+from backends.torch import PruningSession, TorchModelHandle  # noqa: E402
+from prunekit.algorithms.rpg import RPGConfig, RPGPruner  # noqa: E402
+from prunekit.algorithms.trp import TRPConfig, TRPPruner  # noqa: E402
+
+
+class GpuTrainer:
+    """One ResNet-50 with its own optimizer and pruning session; a bf16 autocast step."""
+
+    def __init__(self, algorithm, seed: int, total: int, device: str, image: int):
+        torch.manual_seed(seed)
+        model = torchvision.models.resnet50(num_classes=1000).to(device).to(memory_format=torch.channels_last)
+        self.model = model
+        self.handle = TorchModelHandle(model, (3, image, image), "resnet50")
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+        self.session = PruningSession(self.handle, algorithm, self.optimizer, total)
+
+    def step(self, x, y):
+        self.model.train()
+        self.session.before_step()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(self.model(x), y)
+        self.optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        self.session.after_backward()
+        if self.session.should_step():
+            self.optimizer.step()
+        self.session.after_optimizer_step()
+        return loss
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--methods", default="gram,subspace,exact")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--image", type=int, default=224)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--block", type=int, default=5)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    device = "cuda"
+    torch.backends.cudnn.benchmark = True
+    total = 100_000
+    methods = [m for m in args.methods.split(",") if m]
+    algorithms = {"plain": lambda: None}
+    for m in methods:
+        algorithms[f"rpg/{m}"] = lambda m=m: RPGPruner(RPGConfig(sparsity=0.9, rank_every=1, spectrum=m,
+                                                                 frequency=total // 2))
+        algorithms[f"trp/{m}"] = lambda m=m: TRPPruner(TRPConfig(every=1, spectrum=m))
+    trainers = {k: GpuTrainer(make(), 0, total, device, args.image) for k, make in algorithms.items()}
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(args.batch, 3, args.image, args.image, device=device, generator=g).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (args.batch,), device=device, generator=g)
+    for t in trainers.values():  # warm-up: cudnn autotuning, first spectra
+        for _ in range(3):
+            t.step(x, y)
+    torch.cuda.synchronize()
+    times = {k: [] for k in trainers}
+    names = list(trainers)
+    for r in range(args.rounds):
+        for k in (names if r % 2 == 0 else names[::-1]):
+            for _ in range(args.block):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                trainers[k].step(x, y)
+                torch.cuda.synchronize()
+                times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    rows = [(k, med[k], med[k] / med["plain"]) for k in names]
+    gpu = torch.cuda.get_device_name(0)
+    for k, v, r in rows:
+        print(f"{k:<14} {v:8.1f} ms/step  {r:.3f}x plain", flush=True)
+    print(f"device: {gpu}, torch {torch.__version__}, batch {args.batch}, image {args.image}, bf16 autocast")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": gpu, "torch": torch.__version__, "batch": args.batch, "image": args.image,
+                       "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
