@@ -44,6 +44,16 @@ class ModelHandle(abc.ABC):
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Eval-mode outputs (logits) for a float32 NCHW NumPy batch, as NumPy."""
 
+    def forward(self, x: Tensor) -> Tensor:
+        """The model's outputs for a framework batch tensor, differentiable with respect to the
+        parameters (call it inside :meth:`Ops.value_and_grad`). The mode is left as it is: see
+        :meth:`set_training`."""
+        raise NotImplementedError(f"{type(self).__name__} has no differentiable forward")
+
+    def set_training(self, training: bool) -> bool:
+        """Put the model in train (BN batch statistics) or eval mode; returns the previous mode."""
+        raise NotImplementedError(f"{type(self).__name__} cannot switch train/eval mode")
+
     def layer(self, name: str) -> LayerInfo:
         for l in self.layers:
             if l.name == name:

@@ -178,6 +178,14 @@ class MindSporeModelHandle(ModelHandle):
         finally:
             self.model.set_train(was_training)
 
+    def forward(self, x):
+        return self.model(x)
+
+    def set_training(self, training):
+        was = bool(self.model.training)
+        self.model.set_train(bool(training))
+        return was
+
     def parameters_by_name(self) -> Dict[str, ms.Parameter]:
         """Trainable parameters under the shared names (BN statistics are buffers, as in torch)."""
         return {k: p for k, (p, bn) in self._state.items() if not (bn and k.rsplit(".", 1)[-1] in BUFFER_LEAVES)}

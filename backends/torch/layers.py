@@ -97,6 +97,14 @@ class TorchModelHandle(ModelHandle):
         finally:
             self.model.train(was_training)
 
+    def forward(self, x):
+        return self.model(x)
+
+    def set_training(self, training):
+        was = self.model.training
+        self.model.train(bool(training))
+        return was
+
     def parameters_by_name(self) -> Dict[str, nn.Parameter]:
         return dict(self.model.named_parameters())
 
