@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Launch the full-length CIFAR-10 GPU runs of benchmarks/gpu_cifar.py side by side on one GPU,
 # detached (setsid) so they outlive the launching command; each checkpoints every epoch and
-# resumes if started again. Usage: bash benchmarks/gpu_runs.sh DATA_ROOT [EPOCHS_TRP] [EPOCHS_SPARSE]
+# resumes if started again. Usage: bash benchmarks/gpu_runs.sh DATA_ROOT (a cifar-10-batches-py folder) [EPOCHS_TRP] [EPOCHS_SPARSE]
 #   status: tail -n1 runs/gpu/*/log.txt        results: runs/gpu/*/result.json
 set -u
 root=${1:?data root with train.zip/test.zip}
@@ -12,12 +12,10 @@ mkdir -p runs/gpu
 launch() {  # name, args...; torch.compile first, eager from the last checkpoint if compiling fails
     local name=$1; shift
     mkdir -p runs/gpu/$name
-    setsid nohup bash -c "$py benchmarks/gpu_cifar.py --compile $* --data-root $root --cache-dir runs/gpu/cache --out runs/gpu/$name \
-        || $py benchmarks/gpu_cifar.py $* --data-root $root --cache-dir runs/gpu/cache --out runs/gpu/$name" \
+    setsid nohup bash -c "$py benchmarks/gpu_cifar.py --compile $* --data-root $root --out runs/gpu/$name \
+        || $py benchmarks/gpu_cifar.py $* --data-root $root --out runs/gpu/$name" \
         >runs/gpu/$name/log.txt 2>&1 < /dev/null &
 }
-# warm the decoded-image cache once, so the runs do not all decode the JPEGs at the same time
-PYTHONPATH=. $py -c "from prunekit.data import load_dataset as l; l('cifar10', root='$root', cache_dir='runs/gpu/cache')"
 launch trp       --algorithm trp --epochs $e_trp --lr-schedule step --wd 1e-4
 launch dense     --algorithm magnitude --sparsity 0 --epochs $e_trp --lr-schedule step --wd 1e-4
 launch mag95     --algorithm magnitude --sparsity 0.95 --epochs $e_sparse
