@@ -2,8 +2,11 @@
 
     prunekit run --backend torch --model resnet20 --dataset cifar10 --sparsity 0.9
     prunekit run --recipe examples/recipes/rpg-torch.yaml --prune-epochs 1
+    prunekit run ... --resume              (continue from OUT/checkpoint after a crash)
+    prunekit compare runs/a runs/b --out comparison.png [--x sparsity|flops]
     prunekit conformance [--backends torch,mindspore] [--out conformance-results]
     prunekit list
+    prunekit export runs/latest --format onnx|mindir|torch|mindspore-ckpt
 
 Errors that prunekit raises on purpose (bad settings, missing data, mismatched plans) are
 printed as one line, ``prunekit: error: ...``, with exit status 2; nothing is written first.
@@ -55,6 +58,13 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decompose-threshold", type=float, default=d.decompose_threshold,
                    help="TRP: singular values kept by the final decomposition (default %(default)s)")
     p.add_argument("--recipe", default=None, help="a YAML recipe; flags given beside it override its values")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="STEPS",
+                   help="steps between checkpoints in OUT/checkpoint (default: once per epoch, and at phase ends; "
+                        "0: none)")
+    p.add_argument("--resume", action="store_true", default=d.resume,
+                   help="continue the run from OUT/checkpoint (an error if there is none or it does not match)")
+    p.add_argument("--deterministic", action="store_true", default=d.deterministic,
+                   help="deterministic kernels on one thread, so a resumed run matches an uninterrupted one bitwise")
 
 
 def explicit_options(parser: argparse.ArgumentParser, argv: List[str]) -> set:
@@ -93,6 +103,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     conf.add_argument("--out", default="conformance-results")
     conf.add_argument("-k", dest="select", default=None, help="run only cases whose name contains this text")
     sub.add_parser("list", help="list models, algorithms, backends and datasets")
+    cmp_parser = sub.add_parser("compare", help="plot test accuracy against measured sparsity or FLOPs across runs")
+    cmp_parser.add_argument("runs", nargs="+", help="run output folders (each with a report.json)")
+    cmp_parser.add_argument("--out", default="comparison.png", help="PNG file to write (default %(default)s)")
+    cmp_parser.add_argument("--x", default="sparsity", choices=["sparsity", "flops"],
+                            help="horizontal axis: measured sparsity or effective MACs (default %(default)s)")
+    cmp_parser.add_argument("--accuracy", default=None,
+                            help="accuracy key of the reports (default: after_decomposition, else after_pruning)")
+    exp = sub.add_parser("export", help="export a run's pruned model (ONNX, MindIR, PyTorch .pt, MindSpore .ckpt)")
+    exp.add_argument("run_dir", help="a run's output folder (weights.npz, report.json, plan.json)")
+    exp.add_argument("--format", required=True, choices=["onnx", "mindir", "torch", "mindspore-ckpt"])
+    exp.add_argument("--out", default=None, help="output file (default: <run_dir>/model.<onnx|mindir|pt|ckpt>)")
+    exp.add_argument("--check-batch", type=int, default=8, help="images the written file is checked on (default %(default)s)")
+    exp.add_argument("--tolerance", type=float, default=1e-4,
+                     help="max output difference allowed, relative to max(1, max |logit|) (default %(default)s)")
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
@@ -107,9 +131,26 @@ def main(argv: Optional[List[str]] = None) -> int:
                 cfg = RunConfig(**values)
             run(cfg)
             return 0
+        if args.command == "compare":
+            from .plots import comparison_points, load_run_reports, plot_comparison
+            points = comparison_points(load_run_reports(args.runs), args.x, args.accuracy)
+            if not args.out.lower().endswith(".png"):
+                raise ConfigError(f"--out must name a .png file, got {args.out!r}")
+            plot_comparison(points, args.out, args.x)
+            for p in points:
+                print(f"{p['label']}: {args.x} {p['x']:.4g}, test accuracy {p['accuracy']:.2%}")
+            print(f"comparison: {args.out}")
+            return 0
         if args.command == "conformance":
             from conformance.runner import main as conformance_main
             return conformance_main([b for b in args.backends.split(",") if b], args.out, args.select)
+        if args.command == "export":
+            from .export import export_run
+            result = export_run(args.run_dir, args.format, args.out, args.check_batch, args.tolerance)
+            extra = f" (structure: {result['structure']})" if result.get("structure") else ""
+            print(f"wrote {result['path']}{extra}; outputs on {result['check_batch']} images differ from the "
+                  f"{result['source_backend']} model by at most {result['max_abs_diff']:.3g}")
+            return 0
         if args.command == "list":
             from .algorithms import ALGORITHMS, PLANNED
             from .backend import BACKENDS
