@@ -1,6 +1,7 @@
 """The PyTorch backend (CPU and CUDA)."""
 from .driver import PruningSession, Trainer, make_optimizer
 from .layers import TorchModelHandle, discover_layers
+from .compact import compact
 from .models import build_model
 from .surgery import apply_decompositions
 from .ops import TorchOps

@@ -1,0 +1,88 @@
+"""MindSpore side of channel-group discovery (:mod:`prunekit.channels`): BatchNorm discovery
+and the channel probe, with ``Cell.register_forward_hook`` (PyNative; the probe switches to
+PyNative for its duration if the context is in graph mode). A forward hook's return value
+replaces the cell's output in MindSpore 2.10, as in PyTorch.
+
+The probe runs one eval-mode forward in which every Conv2d/Dense output is replaced by zeros
+plus the perturbation rows asked for that layer, every BatchNorm by the identity, and records,
+for the input of every Conv2d/Dense/BatchNorm and for the model's output, which channels (or
+features) of each row differ from row 0.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import mindspore as ms
+import mindspore.nn as nn
+
+from prunekit.channels import OUTPUT
+
+from .layers import PRUNABLE, _BN
+
+
+
+def norm_layers(handle) -> List[Tuple[str, int]]:
+    """``(name, channels)`` of every BatchNorm, in definition order."""
+    return [(n, int(c.num_features)) for n, c in handle.model.cells_and_names() if isinstance(c, _BN)]
+
+
+def _changed(x) -> np.ndarray:
+    a = x.asnumpy()
+    d = a != a[:1]
+    if d.ndim > 2:
+        d = d.reshape(d.shape[0], d.shape[1], -1).any(axis=2)
+    return d
+
+
+def _with_rows(shape, dtype, codes_at: Optional[Tuple[int, np.ndarray]]):
+    out = np.zeros(tuple(int(s) for s in shape), np.float32)
+    if codes_at is not None:
+        start, codes = codes_at
+        c = codes.reshape(codes.shape + (1,) * (out.ndim - 2))
+        out[start:start + codes.shape[0]] += c
+    return ms.Tensor(out, dtype)
+
+
+def probe_channels(handle, perturb: Dict[Optional[str], Tuple[int, np.ndarray]], rows: int) -> Dict[str, np.ndarray]:
+    """One probe forward of ``rows`` rows. ``perturb[layer] = (first row, codes)`` adds
+    ``codes`` (rows x channels) to that layer's (zeroed) output from ``first row`` on; the key
+    None perturbs the image. Returns ``{layer or BN name or OUTPUT: (rows, width) bool}``."""
+    model = handle.model
+    seen: Dict[str, np.ndarray] = {}
+
+    def layer_hook(name):
+        def hook(cell, inputs, output):
+            seen.setdefault(name, _changed(inputs[0]))
+            return _with_rows(output.shape, output.dtype, perturb.get(name))
+        return hook
+
+    def norm_hook(name):
+        def hook(cell, inputs, output):
+            seen.setdefault(name, _changed(inputs[0]))
+            return inputs[0] + 0
+        return hook
+
+    graph = ms.get_context("mode") != ms.PYNATIVE_MODE
+    if graph:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+    handles = []
+    was_training = model.training
+    try:
+        for n, c in model.cells_and_names():
+            if isinstance(c, PRUNABLE):
+                handles.append(c.register_forward_hook(layer_hook(n)))
+            elif isinstance(c, _BN):
+                handles.append(c.register_forward_hook(norm_hook(n)))
+        model.set_train(False)
+        x = _with_rows((rows,) + tuple(int(d) for d in handle.input_shape[-3:]), ms.float32, perturb.get(None))
+        y = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.set_train(was_training)
+        if graph:
+            ms.set_context(mode=ms.GRAPH_MODE)
+    if isinstance(y, ms.Tensor):
+        seen[OUTPUT] = _changed(y)
+    return seen

@@ -1,0 +1,326 @@
+"""Channel dependency groups, found from the model itself (issue #4).
+
+A *channel group* is a set of channels that must be pruned together: the output channels of
+every conv/linear layer whose outputs meet (a residual addition), the BatchNorms over them, the
+depthwise convs that carry them through, and the input channels of every layer that reads them.
+:func:`find_channel_groups` finds them from the model, not from a table of layer names, with one
+implementation for every backend; a backend only provides the probe below.
+
+The probe (one eval-mode forward per chunk of rows, ``backends/<fw>/channels.py``):
+
+* every conv/linear layer's output is replaced by zeros, so no signal crosses a layer that mixes
+  channels; every BatchNorm is replaced by the identity (it is per-channel by definition, and its
+  scale could be zero or negative and hide the signal);
+* for a producer ``P`` with ``C`` output channels, row ``2b+1`` adds 1.0 to the channels whose
+  index has bit ``b`` set and row ``2b+2`` to those whose bit ``b`` is clear (``ceil(log2 C)``
+  bit pairs); row 0 of each forward is left unperturbed (the reference);
+* the input of every conv/linear/BatchNorm (and the model's output) is recorded: a channel (or,
+  after a flatten, a feature) *changed* in a row when it differs from row 0 anywhere.
+
+A consumer column that changed in exactly one row of every bit pair is fed one-to-one by the
+producer channel whose index the pattern spells. A consumer fed by ``P`` so that column ``c``
+reads channel ``c`` (or a linear layer whose columns come in blocks of ``s`` per channel, a
+flatten) shares ``P``'s channel space; anything else (an offset, a permutation, a partial or
+mixed feed: zero-padding shortcuts, concatenations, channel shuffles) *couples* the two spaces
+without making them one, and both become not prunable. A depthwise conv's input and output are
+one space; a grouped conv's (not depthwise) input and output spaces are not prunable. Spaces
+joined by a union-find form the groups; a group reaching the model's output (logits) or fed by
+the image is not prunable.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import ModelError
+
+#: the key under which a backend probe reports the model's output
+OUTPUT = "<output>"
+#: name of the group of the image channels (it has no producer)
+INPUT_GROUP = "<input>"
+#: most rows one probe forward carries (rows of several producers share a forward)
+MAX_ROWS = 192
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    name: str                   # the first producer's layer name in model layer order, e.g. "conv1"
+    size: int                   # number of channels
+    producers: Tuple[str, ...]  # conv/linear (non-depthwise) whose OUTPUT channels are these channels
+    consumers: Tuple[str, ...]  # conv/linear (non-depthwise) whose INPUT channels are these channels
+    norms: Tuple[str, ...]      # BatchNorm modules over these channels
+    depthwise: Tuple[str, ...]  # depthwise convs whose input AND output channels are these channels
+    prunable: bool              # False when the channels are the model's input or output, or coupled
+    spatial: Dict[str, int] = field(default_factory=dict)  # consumer -> columns per channel
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "size": self.size, "producers": list(self.producers),
+                "consumers": list(self.consumers), "norms": list(self.norms), "depthwise": list(self.depthwise),
+                "prunable": self.prunable, "spatial": dict(self.spatial)}
+
+
+def backend_module(handle, part: str):
+    """``backends.<fw>.<part>`` for the backend a handle belongs to (imported on demand)."""
+    pkg = type(handle).__module__.rsplit(".", 1)[0]
+    if not pkg.startswith("backends."):
+        raise ModelError(f"{type(handle).__name__} is not a backend model handle; channel groups need one")
+    return importlib.import_module(f"{pkg}.{part}")
+
+
+def _bits(n: int) -> int:
+    return max(1, int(np.ceil(np.log2(max(n, 2)))))
+
+
+def binary_codes(n: int) -> np.ndarray:
+    """Rows of the perturbation for ``n`` channels: 2 rows per index bit (bit set, bit clear)."""
+    idx = np.arange(n)
+    rows = []
+    for b in range(_bits(n)):
+        bit = (idx >> b) & 1
+        rows.append(bit == 1)
+        rows.append(bit == 0)
+    return np.stack(rows).astype(np.float32)
+
+
+def decode(changed: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray]:
+    """From a probe's ``changed`` (2*bits, width) booleans: for each column the producer channel
+    feeding it one-to-one (-1 where none), and whether each column was fed at all."""
+    ones, zeros = changed[0::2], changed[1::2]
+    fed = changed.any(axis=0)
+    unique = np.all(ones ^ zeros, axis=0)
+    weights = (1 << np.arange(ones.shape[0]))[:, None]
+    index = np.where(unique, (ones * weights).sum(axis=0), -1)
+    index = np.where(index < n, index, -1)
+    return index.astype(np.int64), fed
+
+
+def classify(index: np.ndarray, fed: np.ndarray, n: int, is_linear: bool) -> Tuple[str, int]:
+    """How a consumer reads a producer's ``n`` channels: ("none", 0), ("same", columns per channel)
+    or ("coupled", 0)."""
+    if not fed.any():
+        return "none", 0
+    width = index.shape[0]
+    if width == n and np.array_equal(index, np.arange(n)):
+        return "same", 1
+    if is_linear and width % n == 0 and width > n:
+        s = width // n
+        if np.array_equal(index, np.arange(width) // s):
+            return "same", s
+    return "coupled", 0
+
+
+class _UnionFind:
+    def __init__(self):
+        self.parent: Dict[str, str] = {}
+
+    def add(self, a: str) -> None:
+        self.parent.setdefault(a, a)
+
+    def find(self, a: str) -> str:
+        self.add(a)
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return a
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+
+
+def _probe_all(probe, producers: List[Tuple[Optional[str], int]]) -> Dict[Optional[str], Dict[str, np.ndarray]]:
+    """Run the probe for every producer (None: the image), packing several into one forward."""
+    results: Dict[Optional[str], Dict[str, np.ndarray]] = {}
+    chunk: List[Tuple[Optional[str], np.ndarray]] = []
+    rows = 1
+
+    def flush():
+        nonlocal chunk, rows
+        if not chunk:
+            return
+        perturb, offsets, start = {}, [], 1
+        for name, codes in chunk:
+            perturb[name] = (start, codes)
+            offsets.append((name, start, codes.shape[0]))
+            start += codes.shape[0]
+        changed = probe(perturb, start)
+        for name, s, k in offsets:
+            results[name] = {c: v[s:s + k] for c, v in changed.items()}
+        chunk, rows = [], 1
+
+    for name, n in producers:
+        codes = binary_codes(n)
+        if rows + codes.shape[0] > MAX_ROWS and chunk:
+            flush()
+        chunk.append((name, codes))
+        rows += codes.shape[0]
+    flush()
+    return results
+
+
+def find_channel_groups(handle) -> List[ChannelGroup]:
+    """The channel dependency groups of a model (see the module docstring), in a deterministic
+    order: the image's group first, then by the first producer's position in the layer order."""
+    mod = backend_module(handle, "channels")
+    layers = list(handle.layers)
+    norms: List[Tuple[str, int]] = list(mod.norm_layers(handle))
+    order = {l.name: i for i, l in enumerate(layers)}
+    depthwise = {l.name for l in layers if l.kind == "conv" and l.groups > 1
+                 and l.groups == l.in_channels == l.out_channels}
+    grouped = {l.name for l in layers if l.kind == "conv" and l.groups > 1 and l.name not in depthwise}
+    in_width = {l.name: l.in_channels for l in layers}
+    for nm, c in norms:
+        in_width[nm] = c
+    kinds = {l.name: l.kind for l in layers}
+
+    producers: List[Tuple[Optional[str], int]] = [(None, int(handle.input_shape[-3]))]
+    producers += [(l.name, l.out_channels) for l in layers]
+    results = _probe_all(lambda perturb, rows: mod.probe_channels(handle, perturb, rows), producers)
+
+    uf = _UnionFind()
+    size: Dict[str, int] = {}
+    fixed: Dict[str, str] = {}   # space -> why it is not prunable
+    spatial: Dict[str, int] = {}  # consumer -> columns per channel
+    for l in layers:
+        size[f"out:{l.name}"] = l.out_channels
+        uf.add(f"out:{l.name}")
+        if l.name not in depthwise:
+            size[f"in:{l.name}"] = l.in_channels
+            uf.add(f"in:{l.name}")
+    for nm, c in norms:
+        size[f"in:{nm}"] = c
+        uf.add(f"in:{nm}")
+    size[f"out:{INPUT_GROUP}"] = int(handle.input_shape[-3])
+    uf.add(f"out:{INPUT_GROUP}")
+    fixed[f"out:{INPUT_GROUP}"] = "the model's input"
+    for d in depthwise:
+        size[f"in:{d}"] = size[f"out:{d}"]
+        uf.union(f"out:{d}", f"in:{d}")
+    for g in grouped:
+        fixed[f"in:{g}"] = f"input of grouped conv {g!r}"
+        fixed[f"out:{g}"] = f"output of grouped conv {g!r}"
+    out_seen = False
+
+    for name, n in producers:
+        src = f"out:{name if name is not None else INPUT_GROUP}"
+        for consumer, changed in results[name].items():
+            changed = np.asarray(changed, bool)
+            if consumer == OUTPUT:
+                if changed.any():
+                    fixed[src] = "the model's output"
+                    out_seen = True
+                continue
+            if consumer == name:
+                continue
+            if consumer not in in_width:
+                continue
+            if changed.shape[1] != in_width[consumer] and kinds.get(consumer) != "linear":
+                raise ModelError(f"probe of {consumer!r} saw {changed.shape[1]} input channels, "
+                                 f"the layer has {in_width[consumer]}")
+            index, fed = decode(changed, n)
+            how, s = classify(index, fed, n, kinds.get(consumer) == "linear")
+            dst = f"in:{consumer}"
+            if how == "same":
+                if s > 1:
+                    spatial[consumer] = s
+                    size[dst] = n
+                uf.union(src, dst)
+            elif how == "coupled":
+                what = "the image" if name is None else repr(name)
+                fixed[src] = f"read by {consumer!r} other than channel for channel"
+                fixed[dst] = f"fed by {what} other than channel for channel"
+    if not out_seen:
+        raise ModelError(f"the probe of {handle.model_name!r} never reached the model's output; "
+                         "channel groups cannot be found")
+
+    members: Dict[str, List[str]] = {}
+    for space in size:
+        members.setdefault(uf.find(space), []).append(space)
+    groups = []
+    for root, spaces in members.items():
+        sizes = {size[s] for s in spaces}
+        if len(sizes) != 1:
+            raise ModelError(f"channel spaces {sorted(spaces)} are joined but have sizes {sorted(sizes)}")
+        outs = [s[4:] for s in spaces if s.startswith("out:")]
+        ins = [s[3:] for s in spaces if s.startswith("in:")]
+        prods = tuple(sorted((o for o in outs if o in order and o not in depthwise), key=order.get))
+        cons = tuple(sorted((i for i in ins if i in order and i not in depthwise), key=order.get))
+        nrm = tuple(nm for nm, _ in norms if nm in ins)
+        dws = tuple(sorted((o for o in outs if o in depthwise), key=order.get))
+        has_input = INPUT_GROUP in outs
+        if has_input:
+            gname = INPUT_GROUP
+        elif prods:
+            gname = prods[0]
+        else:
+            firsts = sorted((x for x in set(ins) | set(outs)), key=lambda x: (order.get(x, len(order)), x))
+            gname = f"{firsts[0]}:in"
+        prunable = bool(prods) and not any(s in fixed for s in spaces)
+        key = (-1, "") if has_input else ((order[prods[0]], "") if prods else (len(order), gname))
+        groups.append((key, ChannelGroup(gname, sizes.pop(), prods, cons, nrm, dws, prunable,
+                                         {c: spatial.get(c, 1) for c in cons})))
+    groups.sort(key=lambda t: t[0])
+    return [g for _, g in groups]
+
+
+def group_map(groups: Sequence[ChannelGroup]) -> Dict[str, ChannelGroup]:
+    return {g.name: g for g in groups}
+
+
+def check_keep(groups: Sequence[ChannelGroup], keep: Dict[str, Sequence[int]]) -> Dict[str, np.ndarray]:
+    """Validate ``{group name: kept indices}``: known, prunable groups, indices in range, at least
+    one kept, no repeats. Returns sorted int64 arrays; raises :class:`ModelError` naming the problem."""
+    by_name = group_map(groups)
+    out: Dict[str, np.ndarray] = {}
+    if not isinstance(keep, dict):
+        raise ModelError(f"keep must be a dict of group name -> channel indices, got {type(keep).__name__}")
+    for name, idx in keep.items():
+        if name not in by_name:
+            raise ModelError(f"unknown channel group {name!r}; groups: {', '.join(sorted(by_name))}")
+        g = by_name[name]
+        arr = np.asarray(list(idx) if not isinstance(idx, np.ndarray) else idx)
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            raise ModelError(f"channel indices for group {name!r} must be integers, got {arr.dtype}")
+        arr = np.sort(arr.astype(np.int64).ravel())
+        if arr.size == 0:
+            raise ModelError(f"group {name!r} would keep no channel; keep at least one")
+        if arr[0] < 0 or arr[-1] >= g.size:
+            raise ModelError(f"group {name!r} has {g.size} channels; index {int(arr[0] if arr[0] < 0 else arr[-1])} "
+                             "is out of range")
+        if np.any(np.diff(arr) == 0):
+            raise ModelError(f"group {name!r}: channel indices repeat")
+        if not g.prunable and arr.size != g.size:
+            raise ModelError(f"group {name!r} is not prunable (model input/output or coupled channels)")
+        out[name] = arr
+    return out
+
+
+def layer_slices(groups: Sequence[ChannelGroup], keep: Dict[str, np.ndarray]):
+    """Per layer, which output rows and input columns a compaction keeps.
+
+    Returns ``(out_keep, in_keep, norm_keep, depthwise_keep)``: dicts from layer/BN name to the
+    kept indices (input columns of a linear after a flatten already expanded to blocks)."""
+    out_keep, in_keep, norm_keep, dw_keep = {}, {}, {}, {}
+    for g in groups:
+        if g.name not in keep or len(keep[g.name]) == g.size:
+            continue
+        k = np.asarray(keep[g.name], np.int64)
+        for p in g.producers:
+            out_keep[p] = k
+        for c in g.consumers:
+            s = int(g.spatial.get(c, 1))
+            in_keep[c] = (k[:, None] * s + np.arange(s)[None, :]).ravel() if s > 1 else k
+        for nm in g.norms:
+            norm_keep[nm] = k
+        for d in g.depthwise:
+            dw_keep[d] = k
+    return out_keep, in_keep, norm_keep, dw_keep
+
+
+def compact(handle, keep: Dict[str, Sequence[int]]):
+    """Backend-neutral entry point: ``backends.<fw>.compact`` for the handle's backend."""
+    return backend_module(handle, "compact").compact(handle, keep)
