@@ -1,0 +1,123 @@
+"""Channel gates for DSA on MindSpore (PyNative): a per-group gate vector multiplied onto BN outputs.
+
+Each gated BatchNorm cell is switched to a subclass of its own class whose ``construct`` returns
+``BN(x) * gate`` (the instance's ``__class__`` is swapped; its path, parameters and names stay
+as they are), so the gate acts after BN and before the following ReLU or residual add; all BNs
+of one channel group share one gate. :meth:`ChannelGates.remove` switches the class back.
+Gates are ``Parameter``\\ s set on the cells with ``object.__setattr__`` (not registered as the
+cells' parameters), so ``model.trainable_params()`` (the optimizer's list), checkpoints and the
+handle's state never contain them. Their gradient comes from ``mindspore.value_and_grad`` with
+respect to the gates alone.
+
+Quirks (MindSpore 2.10, CPU): a forward hook (``register_forward_hook``) would be simpler, but
+inside a ``mindspore.jit``-compiled forward pass (the Trainer's) hooks on the direct children of
+a ``SequentialCell`` (VGG's BNs) are silently skipped, while the subclass's ``construct`` is
+compiled like any other. A compiled graph reads the gates at run time only if they are written
+in place with ``Tensor.copy_`` (``layers.write_``); after ``Parameter.set_data`` it keeps the old
+values.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, Tuple
+
+import numpy as np
+import mindspore as ms
+import mindspore.nn as nn
+import mindspore.ops as msops
+
+from prunekit.errors import ModelError
+
+from .layers import write_
+
+log = logging.getLogger(__name__)
+
+
+class ChannelGates:
+    """``groups``: ``{group name: (BN cell names, channels)}``. ``jit``: compile the gate-gradient pass."""
+
+    def __init__(self, handle, groups: Dict[str, Tuple[Tuple[str, ...], int]], jit: bool = True):
+        self.handle = handle
+        self.model = handle.model
+        cells = dict(self.model.cells_and_names())
+        self.gates: Dict[str, ms.Parameter] = {}
+        self._cells = []
+        for name, (norms, size) in groups.items():
+            gate = ms.Parameter(ms.Tensor(np.ones(int(size), np.float32)), name=f"dsa_gate.{name}", requires_grad=True)
+            self.gates[name] = gate
+            for bn in norms:
+                cell = cells.get(bn)
+                if cell is None:
+                    raise ModelError(f"channel group {name!r} names BatchNorm {bn!r}, which the model does not have")
+                channels = int(cell.gamma.shape[0]) if getattr(cell, "gamma", None) is not None else size
+                if channels != size:
+                    raise ModelError(f"BatchNorm {bn!r} has {channels} channels, group {name!r} {size}")
+                if not isinstance(cell, _BN):
+                    raise ModelError(f"channel group {name!r}: {bn!r} is a {type(cell).__name__}, not a BatchNorm")
+                self._cells.append((cell, type(cell)))
+                object.__setattr__(cell, "dsa_gate", gate)
+                cell.__class__ = _gated_class(type(cell))
+        self._names = list(self.gates)
+        model = self.model
+
+        def loss_fn(x, y):
+            return msops.cross_entropy(model(x), y)
+
+        grad_fn = ms.value_and_grad(loss_fn, None, ms.ParameterTuple([self.gates[n] for n in self._names]))
+        self._eager = grad_fn
+        self._grad = ms.jit(grad_fn) if jit else grad_fn
+
+    def set(self, values: Dict[str, np.ndarray]) -> None:
+        """Write gate values (one float per channel) by group name, in place."""
+        for name, v in values.items():
+            write_(self.gates[name], ms.Tensor(np.ascontiguousarray(v, dtype=np.float32)))
+
+    def values(self) -> Dict[str, np.ndarray]:
+        return {n: g.asnumpy().copy() for n, g in self.gates.items()}
+
+    def gradients(self, x: np.ndarray, y: np.ndarray) -> Tuple[float, Dict[str, np.ndarray]]:
+        """Cross-entropy on one batch in training mode; ``(loss, ∂L/∂gate per group)``. Only the
+        gates get gradients; BN running statistics update as in any training forward pass."""
+        xb = ms.Tensor(np.ascontiguousarray(x, dtype=np.float32))
+        yb = ms.Tensor(np.ascontiguousarray(y).astype(np.int32))
+        if not self.model.training:
+            self.model.set_train(True)
+        try:
+            loss, grads = self._grad(xb, yb)
+        except (RuntimeError, TypeError, ValueError) as e:
+            if self._grad is self._eager:
+                raise
+            log.warning("mindspore.jit failed on the gate-gradient pass (%s); running PyNative", e)
+            self._grad = self._eager
+            loss, grads = self._grad(xb, yb)
+        return float(loss.asnumpy()), {n: g.asnumpy().copy() for n, g in zip(self._names, grads)}
+
+    def remove(self) -> None:
+        """Switch the BN cells back to their own class (the model computes without gates again)."""
+        for cell, cls in self._cells:
+            cell.__class__ = cls
+            object.__delattr__(cell, "dsa_gate")
+        self._cells = []
+
+
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+_GATED: Dict[type, type] = {}
+
+
+def _gated_class(base: type) -> type:
+    """The subclass of BN class ``base`` that multiplies its output by ``self.dsa_gate``, one per base."""
+    if base in _GATED:
+        return _GATED[base]
+    if issubclass(base, tuple(_GATED.values())):
+        raise ModelError(f"{base.__name__} is gated already (two DSA gate sets on one model?)")
+    shape = (1, -1, 1, 1) if issubclass(base, nn.BatchNorm2d) else (1, -1)
+
+    class Gated(base):
+        _dsa_shape = shape
+
+        def construct(self, x):
+            return super().construct(x) * self.dsa_gate.reshape(self._dsa_shape)
+
+    Gated.__name__ = Gated.__qualname__ = f"Gated{base.__name__}"
+    _GATED[base] = Gated
+    return Gated
