@@ -1,0 +1,122 @@
+"""Framework-native optimizers for MindSpore loops, running prunekit's neutral update math.
+
+:class:`SDPrun` is an ``nn.Optimizer`` for the functional ``value_and_grad`` loop (PyNative):
+gRDA with group soft-thresholding over filters (sDprun, :mod:`prunekit.algorithms.sdprun`) for
+the parameters in ``grda``, plain SGD (same learning rate, no momentum) for the others; each
+tuple in ``joint`` is thresholded as one group (row i of all its parameters together)::
+
+    opt = SDPrun.from_handle(handle, learning_rate=0.1, c=5e-4, mu=0.51)
+    grad_fn = mindspore.value_and_grad(forward_fn, None, opt.parameters)
+    for x, y in loader:
+        loss, grads = grad_fn(x, y)
+        opt(grads)
+
+Call it eagerly (its update is Python over the neutral ops), not inside ``mindspore.jit``.
+Without ``grda``, every parameter with two or more dimensions is managed (the logits layer
+included); ``from_handle`` manages only the producers of prunable channel groups.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import mindspore as ms
+import mindspore.nn as nn
+import mindspore.ops as msops
+
+from prunekit.algorithms.sdprun import (COUPLINGS, SDPrunConfig, accumulate, group_soft_threshold, lambda_increment,
+                                        managed_units)
+from prunekit.errors import ConfigError
+
+from .layers import write_
+from .ops import MindSporeOps
+
+
+@ms.jit
+def _sgd(params, grads, lr):
+    """``p -= lr * g`` for every pair, as one compiled call (pass tuples through ``mutable``)."""
+    for p, g in zip(params, grads):
+        msops.assign(p, p - g * lr)
+    return True
+
+
+class SDPrun(nn.Optimizer):
+    def __init__(self, params, learning_rate: float = 0.1, c: float = 5e-4, mu: float = 0.51,
+                 grda: Optional[Sequence] = None, joint: Sequence[Sequence] = ()):
+        SDPrunConfig(c=c, mu=mu, lr=learning_rate)  # validates
+        super().__init__(float(learning_rate), params)
+        self.c, self.mu, self._lr0 = float(c), float(mu), float(learning_rate)
+        self._ops = MindSporeOps()
+        plist = list(self._parameters)
+        index = {}
+        for i, p in enumerate(plist):
+            index[id(p)] = i
+            index.setdefault(p.name, i)
+
+        def find(x):
+            key = id(x) if isinstance(x, ms.Parameter) else x
+            if key not in index:
+                raise ConfigError(f"sdprun: {getattr(x, 'name', x)!r} is not one of the optimizer's parameters")
+            return index[key]
+
+        managed = sorted({find(x) for x in grda}) if grda is not None else [i for i, p in enumerate(plist) if len(p.shape) >= 2]
+        units: List[List[int]] = []
+        in_joint = set()
+        for tup in joint:
+            idx = [find(x) for x in tup]
+            if not set(idx) <= set(managed):
+                raise ConfigError("sdprun: every jointly thresholded parameter must also be gRDA-managed")
+            if in_joint & set(idx):
+                raise ConfigError("sdprun: a parameter appears in two joint groups")
+            in_joint |= set(idx)
+            units.append(idx)
+        units += [[i] for i in managed if i not in in_joint]
+        self._units = units
+        self._managed = managed
+        self._plain = [i for i in range(len(plist)) if i not in set(managed)]
+        self._acc: Dict[int, ms.Tensor] = {}
+        self.n, self.lam = 0, 0.0
+
+    @classmethod
+    def from_handle(cls, handle, groups: Optional[Sequence] = None, coupling: str = "filter",
+                    exclude: Sequence[str] = (), learning_rate: float = 0.1, c: float = 5e-4,
+                    mu: float = 0.51) -> "SDPrun":
+        """All trainable parameters of a model handle; gRDA for the producers of prunable channel
+        groups (jointly per group with ``coupling="channel"``)."""
+        if coupling not in COUPLINGS:
+            raise ConfigError(f"unknown coupling {coupling!r}; expected one of {', '.join(COUPLINGS)}")
+        if groups is None:
+            from prunekit.channels import find_channel_groups
+            groups = find_channel_groups(handle)
+        units = managed_units(handle.layers, groups, coupling, exclude)
+        ws = [[handle.module(n).weight for n in u] for u in units]
+        return cls(handle.model.trainable_params(), learning_rate, c, mu,
+                   grda=[w for u in ws for w in u], joint=[u for u in ws if len(u) > 1])
+
+    def construct(self, gradients):
+        lr = float(self.get_lr().asnumpy()) if isinstance(self.get_lr(), ms.Tensor) else float(self.get_lr())
+        if abs(lr - self._lr0) <= 1e-7 * abs(self._lr0):  # the rate given, not its float32 rounding
+            lr = self._lr0
+        params = self._parameters
+        if self._plain:
+            _sgd(ms.mutable(tuple(params[i] for i in self._plain)),
+                 ms.mutable(tuple(gradients[i] for i in self._plain)), ms.Tensor(lr, ms.float32))
+        self.n += 1
+        self.lam += lambda_increment(self.c, self.mu, lr, self.n)
+        ops = self._ops
+        for i in self._managed:
+            acc = self._acc.get(i)
+            if acc is None:  # A_0 = w_0
+                acc = ms.Tensor(params[i].asnumpy().copy())
+            self._acc[i] = accumulate(ops, acc, gradients[i], lr)
+        for unit in self._units:
+            new = group_soft_threshold(ops, [self._acc[i] for i in unit], self.lam)
+            for i, w in zip(unit, new):
+                write_(params[i], w)
+        return True
+
+    def accumulator(self, param) -> ms.Tensor:
+        """The gRDA accumulator of a managed parameter (after at least one step)."""
+        for i, p in enumerate(self._parameters):
+            if p is param or p.name == param:
+                return self._acc[i]
+        raise KeyError(param)
