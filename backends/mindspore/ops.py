@@ -308,6 +308,16 @@ class MindSporeOps(Ops):
         return -msops.topk(-x, n - k + 1, sorted=True)[0][n - k]
 
     # gradients
+    def hessian_vector_product(self, loss_fn, params, vector):
+        # Nested ms.grad is not reliable in MindSpore 2.10 on CPU (measured on prunekit's models):
+        # max-pool has no second-order kernel ("MaxPoolGradGrad does not support on CPU"), eval-mode
+        # BatchNorm's BatchNormGradGrad kernel fails, and train-mode BatchNorm gives a product 72 %
+        # (relative L2) away from PyTorch's double backward on ResNet-20. Refuse rather than be wrong.
+        from prunekit.errors import ModelError
+        raise ModelError("the mindspore backend has no reliable Hessian-vector product in MindSpore "
+                         f"{ms.__version__} (second-order kernels for max-pool and BatchNorm are missing or "
+                         "disagree with PyTorch); GraSP needs one: use score=snip or synflow, or the torch backend")
+
     def value_and_grad(self, loss_fn: Callable, params: Dict[str, ms.Parameter]):
         names = list(params)
         weights = [params[n] for n in names]

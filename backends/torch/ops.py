@@ -209,3 +209,14 @@ class TorchOps(Ops):
         for n, g in zip(names, grads):
             out[n] = torch.zeros_like(params[n]) if g is None else g.detach()
         return float(loss.detach()), out
+
+    def hessian_vector_product(self, loss_fn: Callable, params: Dict[str, torch.Tensor], vector):
+        names = list(params)
+        with torch.enable_grad():
+            loss = loss_fn()
+            grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True, allow_unused=True)
+            dot = sum((g * vector[n].detach()).sum() for n, g in zip(names, grads) if g is not None)
+            if not isinstance(dot, torch.Tensor) or not dot.requires_grad:
+                return {n: torch.zeros_like(params[n]) for n in names}
+            hv = torch.autograd.grad(dot, [params[n] for n in names], allow_unused=True)
+        return {n: torch.zeros_like(params[n]) if h is None else h.detach() for n, h in zip(names, hv)}
