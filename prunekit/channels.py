@@ -132,33 +132,72 @@ class _UnionFind:
             self.parent[rb] = ra
 
 
-def _probe_all(probe, producers: List[Tuple[Optional[str], int]]) -> Dict[Optional[str], Dict[str, np.ndarray]]:
-    """Run the probe for every producer (None: the image), packing several into one forward."""
-    results: Dict[Optional[str], Dict[str, np.ndarray]] = {}
-    chunk: List[Tuple[Optional[str], np.ndarray]] = []
-    rows = 1
+def _run_rows(probe, blocks: List[Tuple[Dict[Optional[str], np.ndarray], object]]):
+    """Run row blocks (each ``{producer: codes}``, all codes of a block the same height, all
+    producers of a block sharing its rows) through the probe, several blocks per forward;
+    yields ``(key, {consumer: changed rows})`` per block."""
+    out = []
+    chunk, rows = [], 1
 
     def flush():
         nonlocal chunk, rows
         if not chunk:
             return
-        perturb, offsets, start = {}, [], 1
-        for name, codes in chunk:
-            perturb[name] = (start, codes)
-            offsets.append((name, start, codes.shape[0]))
-            start += codes.shape[0]
+        perturb, spans, start = {}, [], 1
+        for codes_by, key in chunk:
+            height = next(iter(codes_by.values())).shape[0]
+            for name, codes in codes_by.items():
+                perturb[name] = (start, codes)
+            spans.append((key, start, height))
+            start += height
         changed = probe(perturb, start)
-        for name, s, k in offsets:
-            results[name] = {c: v[s:s + k] for c, v in changed.items()}
+        for key, s, k in spans:
+            out.append((key, {c: np.asarray(v[s:s + k], bool) for c, v in changed.items()}))
         chunk, rows = [], 1
 
-    for name, n in producers:
-        codes = binary_codes(n)
-        if rows + codes.shape[0] > MAX_ROWS and chunk:
+    for codes_by, key in blocks:
+        height = next(iter(codes_by.values())).shape[0]
+        if rows + height > MAX_ROWS and chunk:
             flush()
-        chunk.append((name, codes))
-        rows += codes.shape[0]
+        chunk.append((codes_by, key))
+        rows += height
     flush()
+    return out
+
+
+def _probe_all(probe, producers: List[Tuple[Optional[str], int]]) -> Dict[Optional[str], Dict[str, np.ndarray]]:
+    """Per producer (None: the image), ``{consumer: changed}`` over its binary-code rows.
+
+    Two stages keep the forward passes few: first one row per producer, all its channels
+    perturbed, which tells which consumers each producer reaches; then producers that reach no
+    common consumer share the rows of their binary codes (a greedy colouring in layer order)."""
+    reach: Dict[Optional[str], set] = {}
+    for key, changed in _run_rows(probe, [({name: np.ones((1, n), np.float32)}, name) for name, n in producers]):
+        reach[key] = {c for c, v in changed.items() if v.any()}
+    colours: List[List[Tuple[Optional[str], int]]] = []
+    seen_by: List[set] = []
+    for name, n in producers:
+        for members, used in zip(colours, seen_by):
+            if not (reach[name] & used):
+                members.append((name, n))
+                used |= reach[name]
+                break
+        else:
+            colours.append([(name, n)])
+            seen_by.append(set(reach[name]))
+    blocks = []
+    for i, members in enumerate(colours):
+        height = 2 * max(_bits(n) for _, n in members)
+        codes_by = {}
+        for name, n in members:
+            codes = np.zeros((height, n), np.float32)
+            codes[:2 * _bits(n)] = binary_codes(n)
+            codes_by[name] = codes
+        blocks.append((codes_by, i))
+    results: Dict[Optional[str], Dict[str, np.ndarray]] = {}
+    for i, changed in _run_rows(probe, blocks):
+        for name, n in colours[i]:
+            results[name] = {c: v[:2 * _bits(n)] for c, v in changed.items() if c in reach[name]}
     return results
 
 

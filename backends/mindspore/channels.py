@@ -1,10 +1,12 @@
 """MindSpore side of channel-group discovery (:mod:`prunekit.channels`): BatchNorm discovery
-and the channel probe, with ``Cell.register_forward_hook`` (PyNative; the probe switches to
-PyNative for its duration if the context is in graph mode). A forward hook's return value
-replaces the cell's output in MindSpore 2.10, as in PyTorch.
+and the channel probe (PyNative; the probe switches to PyNative for its duration if the context
+is in graph mode).
 
-The probe runs one eval-mode forward in which every Conv2d/Dense output is replaced by zeros
-plus the perturbation rows asked for that layer, every BatchNorm by the identity, and records,
+The probe runs one eval-mode forward in which every Conv2d/Dense is replaced by a function
+returning zeros plus the perturbation rows asked for that layer (the instance's ``construct`` is
+overridden for the pass and restored after, so the layer's own computation is skipped; a
+forward hook returning a new output also works in MindSpore 2.10 but pays for the convolution),
+every BatchNorm by the identity, and records,
 for the input of every Conv2d/Dense/BatchNorm and for the model's output, which channels (or
 features) of each row differ from row 0.
 """
@@ -51,35 +53,47 @@ def probe_channels(handle, perturb: Dict[Optional[str], Tuple[int, np.ndarray]],
     model = handle.model
     seen: Dict[str, np.ndarray] = {}
 
-    def layer_hook(name):
-        def hook(cell, inputs, output):
-            seen.setdefault(name, _changed(inputs[0]))
-            return _with_rows(output.shape, output.dtype, perturb.get(name))
-        return hook
+    info = {l.name: l for l in handle.layers}
 
-    def norm_hook(name):
-        def hook(cell, inputs, output):
-            seen.setdefault(name, _changed(inputs[0]))
-            return inputs[0] + 0
-        return hook
+    def layer_construct(name, cell):
+        # the layer's own computation is skipped: its output is zeros (plus the perturbation)
+        def construct(x, *args, **kwargs):
+            seen.setdefault(name, _changed(x))
+            if isinstance(cell, nn.Conv2d):
+                shape = (x.shape[0], int(cell.out_channels)) + tuple(info[name].output_hw)
+            else:
+                shape = tuple(x.shape[:-1]) + (int(cell.out_channels),)
+            return _with_rows(shape, x.dtype, perturb.get(name))
+        return construct
+
+    def norm_construct(name):
+        def construct(x, *args, **kwargs):
+            seen.setdefault(name, _changed(x))
+            return x
+        return construct
 
     graph = ms.get_context("mode") != ms.PYNATIVE_MODE
     if graph:
         ms.set_context(mode=ms.PYNATIVE_MODE)
-    handles = []
+    patched = []
     was_training = model.training
     try:
         for n, c in model.cells_and_names():
-            if isinstance(c, PRUNABLE):
-                handles.append(c.register_forward_hook(layer_hook(n)))
+            if isinstance(c, PRUNABLE) and n in info:
+                patched.append((c, c.__dict__.get("construct")))
+                c.construct = layer_construct(n, c)
             elif isinstance(c, _BN):
-                handles.append(c.register_forward_hook(norm_hook(n)))
+                patched.append((c, c.__dict__.get("construct")))
+                c.construct = norm_construct(n)
         model.set_train(False)
         x = _with_rows((rows,) + tuple(int(d) for d in handle.input_shape[-3:]), ms.float32, perturb.get(None))
         y = model(x)
     finally:
-        for h in handles:
-            h.remove()
+        for c, own in patched:
+            if own is None:
+                del c.construct
+            else:
+                c.construct = own
         model.set_train(was_training)
         if graph:
             ms.set_context(mode=ms.GRAPH_MODE)
