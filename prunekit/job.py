@@ -24,6 +24,7 @@ from . import data as datasets
 from .algorithms import ALGORITHMS, make_algorithm
 from .algorithms.magnitude import MagnitudeConfig
 from .algorithms.rpg import RPGConfig
+from .algorithms.sdprun import SDPrunConfig
 from .algorithms.trp import TRPConfig
 from .backend import check_backend_name, get_backend
 from .errors import ConfigError
@@ -32,7 +33,7 @@ from .report import build_report, format_report, save_report
 from .selection import check_sparsity
 
 
-ALGORITHM_CONFIGS = {"magnitude": MagnitudeConfig, "rpg": RPGConfig, "trp": TRPConfig}
+ALGORITHM_CONFIGS = {"magnitude": MagnitudeConfig, "rpg": RPGConfig, "trp": TRPConfig, "sdprun": SDPrunConfig}
 
 
 @dataclass
@@ -175,8 +176,15 @@ def run(cfg: RunConfig, echo=print) -> dict:
     prune_steps = cfg.prune_epochs * steps_per_epoch
     algorithm = make_algorithm(cfg.algorithm, **cfg.algorithm_kwargs(prune_steps))
     lr = cfg.lr if not cfg.dense_epochs else cfg.lr * 0.5
-    trainer = backend.Trainer(handle, algorithm, cfg.optimizer, lr, cfg.momentum, cfg.weight_decay,
-                              total_steps=prune_steps)
+    # an algorithm that is itself the update rule (sDprun: gRDA) names the optimizer it assumes
+    overrides = algorithm.trainer_overrides() if hasattr(algorithm, "trainer_overrides") else {}
+    if overrides:
+        echo("pruning phase optimizer set by " + cfg.algorithm + ": "
+             + ", ".join(f"{k}={v}" for k, v in overrides.items()))
+    trainer = backend.Trainer(handle, algorithm, overrides.get("optimizer", cfg.optimizer), overrides.get("lr", lr),
+                              overrides.get("momentum", cfg.momentum), overrides.get("weight_decay", cfg.weight_decay),
+                              total_steps=prune_steps, **({"lr_schedule": overrides["lr_schedule"]}
+                                                          if "lr_schedule" in overrides else {}))
     prune_seconds = _train_epochs(trainer, ds, cfg, cfg.prune_epochs, cfg.dense_epochs, f"pruning ({cfg.algorithm})",
                                   algorithm)
     trainer.finish()

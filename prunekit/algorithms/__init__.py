@@ -3,13 +3,17 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .base import Algorithm, apply_plan, check_finite_weights
+from .dsa import DSAConfig, DSAPruner
 from .magnitude import MagnitudeConfig, MagnitudePruner
+from .precrop import PreCropConfig, PreCropPruner
 from .rpg import RPGConfig, RPGPruner
+from .sdprun import SDPrunConfig, SDPrunPruner
 from .trp import TRPConfig, TRPPruner
 
-ALGORITHMS = {"magnitude": MagnitudePruner, "rpg": RPGPruner, "trp": TRPPruner}
+ALGORITHMS = {"magnitude": MagnitudePruner, "rpg": RPGPruner, "trp": TRPPruner, "sdprun": SDPrunPruner,
+              "dsa": DSAPruner, "precrop": PreCropPruner}
 #: algorithms the project plans; named here so an error can tell "not yet" from "unknown"
-PLANNED = ("dsa", "sdprun", "precrop")
+PLANNED = ()
 
 
 def make_algorithm(name: str, **config) -> Algorithm:
