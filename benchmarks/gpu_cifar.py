@@ -69,10 +69,13 @@ def config_for(algorithm: str, args):
     if algorithm == "magnitude":
         return MagnitudeConfig(sparsity=args.sparsity, schedule="exponential" if args.sparsity > 0 else "oneshot",
                                frequency=args.frequency, end_fraction=args.end_fraction)
+    rank = {"spectrum": args.spectrum}
+    if args.spectrum == "tracked":
+        rank.update(refresh_every=args.refresh_every, solve_lag=args.solve_lag)
     if algorithm == "rpg":
-        return RPGConfig(sparsity=args.sparsity, frequency=args.frequency, end_fraction=args.end_fraction)
+        return RPGConfig(sparsity=args.sparsity, frequency=args.frequency, end_fraction=args.end_fraction, **rank)
     if algorithm == "trp":
-        return TRPConfig(scheme=args.scheme)
+        return TRPConfig(scheme=args.scheme, **rank)
     raise SystemExit(f"unknown algorithm {algorithm!r}")
 
 
@@ -102,6 +105,9 @@ def main(argv=None):
     p.add_argument("--data-root", default=None)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--spectrum", default="tracked")
+    p.add_argument("--refresh-every", type=int, default=10)
+    p.add_argument("--solve-lag", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda")
     p.add_argument("--train-limit", type=int, default=None, help="smoke tests only")
@@ -186,7 +192,8 @@ def main(argv=None):
               "nonzero_params": counts["total_nonzero"], "params": counts["total_params"],
               "dense_macs": counts["dense_macs"], "effective_macs": counts["effective_macs"],
               "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "torch": torch.__version__, "compile": args.compile,
-              "lr_schedule": args.lr_schedule, "wd": args.wd, "log": log}
+              "lr_schedule": args.lr_schedule, "wd": args.wd,
+              "spectrum": args.spectrum, "refresh_every": args.refresh_every, "solve_lag": args.solve_lag, "log": log}
     if args.algorithm == "trp":
         decs = plan_decompositions(handle, algorithm.config.scheme, threshold=0.05,
                                    layers=[l.name for l in algorithm.layers])

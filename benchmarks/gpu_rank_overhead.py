@@ -5,7 +5,8 @@ CUDA GPU. Inputs are random 224x224 tensors held on the GPU (a speed measurement
 here, and the step's cost does not depend on pixel values). Trainers: plain SGD, RPG with the
 rank term every step (``rank_every = 1``, fixed masks inside the window so the ratio isolates the
 rank machinery) and TRP acting every step (``m = 1``), each with the given spectrum methods;
-``exact`` (batched full SVD) is the full-SVD figure beside them. Steps alternate between the
+``exact`` (batched full SVD) is the full-SVD figure beside them; ``tracked`` solves every
+``--refresh-every`` steps on the host, installed ``--solve-lag`` steps later (prunekit/tracking.py). Steps alternate between the
 trainers in blocks; medians of per-step times (CUDA-synchronised) are compared.
 
     python benchmarks/gpu_rank_overhead.py [--methods gram,subspace,exact] [--batch 256] [--json out.json]
@@ -57,7 +58,9 @@ class GpuTrainer:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", default="gram,subspace,exact")
+    p.add_argument("--methods", default="tracked,gram,exact")
+    p.add_argument("--refresh-every", type=int, default=10)
+    p.add_argument("--solve-lag", type=int, default=8)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--image", type=int, default=224)
     p.add_argument("--rounds", type=int, default=4)
@@ -70,9 +73,10 @@ def main(argv=None):
     methods = [m for m in args.methods.split(",") if m]
     algorithms = {"plain": lambda: None}
     for m in methods:
-        algorithms[f"rpg/{m}"] = lambda m=m: RPGPruner(RPGConfig(sparsity=0.9, rank_every=1, spectrum=m,
-                                                                 frequency=total // 2))
-        algorithms[f"trp/{m}"] = lambda m=m: TRPPruner(TRPConfig(every=1, spectrum=m))
+        extra = {"refresh_every": args.refresh_every, "solve_lag": args.solve_lag} if m == "tracked" else {}
+        algorithms[f"rpg/{m}"] = lambda m=m, x=extra: RPGPruner(RPGConfig(sparsity=0.9, rank_every=1, spectrum=m,
+                                                                          frequency=total // 2, **x))
+        algorithms[f"trp/{m}"] = lambda m=m, x=extra: TRPPruner(TRPConfig(every=1, spectrum=m, **x))
     trainers = {k: GpuTrainer(make(), 0, total, device, args.image) for k, make in algorithms.items()}
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(args.batch, 3, args.image, args.image, device=device, generator=g).to(memory_format=torch.channels_last)
@@ -100,6 +104,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": gpu, "torch": torch.__version__, "batch": args.batch, "image": args.image,
+                   "refresh_every": args.refresh_every, "solve_lag": args.solve_lag,
                        "rows": rows}, f, indent=1)
 
 

@@ -6,7 +6,7 @@
 set -u
 root=${1:?data root with train.zip/test.zip}
 e_trp=${2:-164}
-e_sparse=${3:-60}
+e_sparse=${3:-80}
 py=${PYTHON:-python3}
 mkdir -p runs/gpu
 launch() {  # name, args...; torch.compile first, eager from the last checkpoint if compiling fails
@@ -17,7 +17,6 @@ launch() {  # name, args...; torch.compile first, eager from the last checkpoint
         >runs/gpu/$name/log.txt 2>&1 < /dev/null &
 }
 launch trp       --algorithm trp --epochs $e_trp --lr-schedule step --wd 1e-4
-launch dense     --algorithm magnitude --sparsity 0 --epochs $e_trp --lr-schedule step --wd 1e-4
 launch mag95     --algorithm magnitude --sparsity 0.95 --epochs $e_sparse
 launch rpg95     --algorithm rpg --sparsity 0.95 --epochs $e_sparse
 launch mag99     --algorithm magnitude --sparsity 0.99 --epochs $e_sparse

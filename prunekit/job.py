@@ -20,6 +20,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
+from . import checkpoint
 from . import data as datasets
 from .algorithms import ALGORITHMS, make_algorithm
 from .algorithms.magnitude import MagnitudeConfig
@@ -29,6 +30,8 @@ from .algorithms.trp import TRPConfig
 from .backend import check_backend_name, get_backend
 from .errors import ConfigError
 from .models import check_model_name
+from .plots import write_run_plots
+from .progress import RunProgress
 from .report import build_report, format_report, save_report
 from .selection import check_sparsity
 
@@ -65,6 +68,9 @@ class RunConfig:
     progress: bool = True
     params: Dict[str, Any] = field(default_factory=dict)  # algorithm hyperparameters (--set key=value)
     decompose_threshold: float = 0.05  # TRP: singular values kept by the final decomposition
+    checkpoint_every: Optional[int] = None  # steps between checkpoints; None: once per epoch; 0: none
+    resume: bool = False  # continue from <out>/checkpoint (an error if there is none)
+    deterministic: bool = False  # deterministic kernels, one thread: bitwise-reproducible resumes on CPU
 
     def validate(self) -> "RunConfig":
         self.backend = check_backend_name(self.backend)
@@ -82,6 +88,10 @@ class RunConfig:
             raise ConfigError(f"prune_epochs must be >= 1 to prune, got {self.prune_epochs}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.checkpoint_every is not None and (isinstance(self.checkpoint_every, bool)
+                                                  or not isinstance(self.checkpoint_every, int)
+                                                  or self.checkpoint_every < 0):
+            raise ConfigError(f"checkpoint_every must be a non-negative integer or None, got {self.checkpoint_every!r}")
         for key in ("train_limit", "test_limit"):
             v = getattr(self, key)
             if v is not None and (not isinstance(v, int) or v < 1):
@@ -122,22 +132,27 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
 
 
-def _train_epochs(trainer, ds, cfg: RunConfig, epochs: int, first_epoch: int, desc: str, algorithm=None) -> float:
+def _train_epochs(trainer, ds, cfg: RunConfig, epochs: int, first_epoch: int, desc: str, algorithm=None,
+                  progress: Optional[RunProgress] = None, done: int = 0) -> float:
+    """Train ``epochs`` epochs from ``first_epoch``, skipping the phase's first ``done`` steps
+    (a resumed run); ``progress`` records the trajectory and writes the checkpoints."""
     steps_per_epoch = datasets.num_batches(len(ds.y_train), cfg.batch_size)
-    bar = _progress(epochs * steps_per_epoch, desc, cfg.progress)
+    bar = _progress(epochs * steps_per_epoch - done, desc, cfg.progress)
     t0 = time.perf_counter()
     loss = None
-    for epoch in range(first_epoch, first_epoch + epochs):
+    for epoch in range(first_epoch + done // steps_per_epoch, first_epoch + epochs):
+        start = done % steps_per_epoch if epoch == first_epoch + done // steps_per_epoch else 0
         for i, (x, y) in enumerate(datasets.batches(ds.x_train, ds.y_train, cfg.batch_size, seed=cfg.seed, epoch=epoch,
                                                      augment=cfg.augment and ds.name == "cifar10",
-                                                     mean=ds.mean, std=ds.std)):
+                                                     mean=ds.mean, std=ds.std, start_batch=start), start):
             loss = trainer.train_step(x, y)
+            if progress is not None:
+                progress.after_step(trainer, algorithm, loss, len(y))
             if bar is not None:
                 bar.update(1)
                 if i % 10 == 0:
-                    post = {"epoch": epoch, "loss": f"{float(loss):.3f}"}
-                    if algorithm is not None:
-                        post["sparsity"] = f"{getattr(algorithm, 'current_sparsity', 0.0):.2%}"
+                    post = {"epoch": epoch, **(progress.postfix(loss, algorithm) if progress is not None
+                                               else {"loss": f"{float(loss):.3f}"})}
                     bar.set_postfix(post)
     if bar is not None:
         bar.close()
@@ -154,6 +169,13 @@ def run(cfg: RunConfig, echo=print) -> dict:
     """Run the whole job; returns the report (also saved under ``cfg.out``)."""
     cfg.validate()
     backend = get_backend(cfg.backend)
+    identity = _identity(cfg)
+    saved = None
+    if cfg.resume:  # checked before any data is read or file written
+        saved = checkpoint.load_checkpoint(cfg.out)
+        checkpoint.check_identity(saved["identity"], identity, checkpoint.checkpoint_path(cfg.out))
+    if cfg.deterministic:
+        backend.checkpoint.make_deterministic()
     ds = datasets.load_dataset(cfg.dataset, root=cfg.data_root, train_limit=cfg.train_limit, test_limit=cfg.test_limit)
     handle = backend.model_handle(cfg.model, ds.num_classes, ds.in_channels, ds.image_size, seed=cfg.seed,
                                   device=cfg.device)
@@ -162,15 +184,27 @@ def run(cfg: RunConfig, echo=print) -> dict:
         raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(ds.y_train)} training images")
     echo(f"{cfg.model} on {cfg.dataset} ({len(ds.y_train)} train / {len(ds.y_test)} test images), backend {cfg.backend}, "
          f"{len(handle.layers)} prunable layers")
+    progress = RunProgress(steps_per_epoch, cfg.dense_epochs, cfg.prune_epochs, cfg.checkpoint_every, identity,
+                           cfg.out, backend, handle)
+    if saved is not None:
+        progress.load(saved)
+        handle.load_state_numpy(saved["model"])
+        backend.checkpoint.set_rng_state(saved["rng"]["framework"])
+        checkpoint.set_host_rng_state(saved["rng"]["host"])
+        echo(f"resuming from {checkpoint.describe(saved)} of {checkpoint.checkpoint_path(cfg.out)}")
+    accuracy = progress.accuracy
 
-    accuracy = {}
-    dense_seconds = 0.0
-    if cfg.dense_epochs:
+    if cfg.dense_epochs and not progress.dense_done():
         echo("phase 1: dense training")
         dense = backend.Trainer(handle, None, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay,
                                 total_steps=cfg.dense_epochs * steps_per_epoch)
-        dense_seconds = _train_epochs(dense, ds, cfg, cfg.dense_epochs, 0, "dense training")
+        if saved is not None and saved.get("trainer_phase") == "dense":
+            backend.checkpoint.restore_training_state(dense, saved["optimizer"])
+        progress.seconds["dense"] += _train_epochs(dense, ds, cfg, cfg.dense_epochs, 0, "dense training",
+                                                   progress=progress, done=progress.start_in_phase("dense"))
         accuracy["before_pruning"] = _evaluate(dense, ds, cfg)
+        progress.save(dense, None, "dense")  # the phase's end, evaluated
+    if "before_pruning" in accuracy:
         echo(f"test accuracy before pruning: {accuracy['before_pruning']:.2%}")
 
     prune_steps = cfg.prune_epochs * steps_per_epoch
@@ -185,9 +219,15 @@ def run(cfg: RunConfig, echo=print) -> dict:
                               overrides.get("momentum", cfg.momentum), overrides.get("weight_decay", cfg.weight_decay),
                               total_steps=prune_steps, **({"lr_schedule": overrides["lr_schedule"]}
                                                           if "lr_schedule" in overrides else {}))
-    prune_seconds = _train_epochs(trainer, ds, cfg, cfg.prune_epochs, cfg.dense_epochs, f"pruning ({cfg.algorithm})",
-                                  algorithm)
+    if saved is not None and saved.get("trainer_phase") == "prune":
+        algorithm.load_state_dict(saved["algorithm"])
+        backend.checkpoint.restore_training_state(trainer, saved["optimizer"])
+    progress.seconds["prune"] += _train_epochs(trainer, ds, cfg, cfg.prune_epochs, cfg.dense_epochs,
+                                               f"pruning ({cfg.algorithm})", algorithm, progress=progress,
+                                               done=progress.start_in_phase("prune"))
+    dense_seconds, prune_seconds = progress.seconds["dense"], progress.seconds["prune"]
     trainer.finish()
+    progress.record("final", algorithm)  # measured after the algorithm's final decisions
     accuracy["after_pruning"] = _evaluate(trainer, ds, cfg)
     extra = {}
     if cfg.algorithm == "trp":
@@ -201,16 +241,28 @@ def run(cfg: RunConfig, echo=print) -> dict:
                 "granularity": cfg.granularity, "scope": cfg.scope,
                 "schedule": cfg.schedule, "dense_epochs": cfg.dense_epochs, "prune_epochs": cfg.prune_epochs,
                 "steps": (cfg.dense_epochs + cfg.prune_epochs) * steps_per_epoch,
-                "train_seconds": round(dense_seconds + prune_seconds, 1), "seed": cfg.seed}
+                "train_seconds": round(dense_seconds + prune_seconds, 1), "seed": cfg.seed,
+                "checkpoints": progress.checkpoints_written or None,
+                "checkpoint_seconds": round(progress.seconds["checkpoint"], 2) if progress.checkpoints_written else None,
+                "resumed_at_steps": progress.resumed_at or None}
     ranks = getattr(algorithm, "ranks", None)
     report = build_report(handle, accuracy, run_info, ranks=ranks, extra=extra)
+    report["trajectory"] = progress.trajectory
     os.makedirs(cfg.out, exist_ok=True)
+    report["figures"] = write_run_plots(report, cfg.out)
     paths = save_report(report, cfg.out)
     plan_paths = algorithm.plan().save(os.path.join(cfg.out, "plan"))
     np.savez_compressed(os.path.join(cfg.out, "weights.npz"), **handle.state_numpy())
     echo(format_report(report))
     echo(f"report: {paths['markdown']}, {paths['json']}; plan: {plan_paths[0]}; weights: {os.path.join(cfg.out, 'weights.npz')}")
     return report
+
+
+def _identity(cfg: RunConfig) -> dict:
+    """What a checkpoint must match to be resumed by this run (see :mod:`prunekit.checkpoint`)."""
+    settings = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    return {"backend": cfg.backend, "model": cfg.model, "algorithm": cfg.algorithm, "dataset": cfg.dataset,
+            "config": checkpoint.run_fingerprint(settings)}
 
 
 def _decompose(backend, handle, algorithm, cfg: RunConfig):

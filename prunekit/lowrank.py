@@ -106,6 +106,20 @@ class SpectrumEngine:
         jump (e.g. a mask update): one warm-started iteration only tracks slow drift."""
         self._basis.clear()
 
+    def state_dict(self) -> dict:
+        """The warm-start bases and the call counter (which decides the refresh steps), as NumPy."""
+        return {"calls": int(self._calls), "exact_solves": int(self.exact_solves),
+                "bases": [{"shape": list(key[0]), "names": list(key[1]), "basis": np.asarray(self.ops.to_numpy(b))}
+                          for key, b in self._basis.items()]}
+
+    def load_state_dict(self, state: dict, like: Tensor | None = None) -> None:
+        """Restore :meth:`state_dict`'s output (bases placed beside ``like`` when given)."""
+        self._calls = int(state.get("calls", 0))
+        self.exact_solves = int(state.get("exact_solves", 0))
+        self._basis = {(tuple(int(d) for d in b["shape"]), tuple(b["names"])):
+                       self.ops.asarray(np.asarray(b["basis"]), dtype=np.asarray(b["basis"]).dtype.name, like=like)
+                       for b in state.get("bases", [])}
+
     def spectra(self, mats: Dict[str, Tensor], need: Dict[str, int] | None = None) -> Dict[str, Spectrum]:
         """Spectra of named matrices. ``need[name]`` is the number of leading values the caller
         expects to use (the subspace method keeps that many plus ``oversample``)."""

@@ -109,7 +109,26 @@ def report_markdown(report: dict) -> str:
         shape = "×".join(str(d) for d in r["weight_shape"])
         out.append(f"| {r['name']} | {r['kind']} | {shape} | {r['params']} | {r['nonzero']} | {r['sparsity']:.2%} | "
                    f"{r['kept_out_channels']} | {r['effective_macs']:,} |")
+    out += _markdown_figures(report)
     return "\n".join(out) + "\n"
+
+
+def _markdown_figures(report: dict) -> list:
+    """The run's PNG figures (file names relative to the report) and the trajectory's ends."""
+    out = []
+    figures = report.get("figures") or {}
+    captions = {"layers": "Per-layer sparsity, kept output channels and ranks (measured)",
+                "trajectory": "Sparsity measured from the masks, mean rank and train loss over training"}
+    for key, name in figures.items():
+        out += ["", f"## {captions.get(key, key)}", "", f"![{key}]({name})"]
+    traj = report.get("trajectory") or []
+    if traj:
+        out += ["", "| trajectory | step | sparsity (masks) | mean rank | train loss |", "| --- | --- | --- | --- | --- |"]
+        for label, p in (("first", traj[0]), ("last", traj[-1])):
+            rank = f"{p['mean_rank']:.2f}" if "mean_rank" in p else ""
+            loss = f"{p['loss']:.4f}" if "loss" in p else ""
+            out.append(f"| {label} ({p.get('phase', '')}) | {p['step']} | {p['sparsity']:.4%} | {rank} | {loss} |")
+    return out
 
 
 def save_report(report: dict, folder: str) -> Dict[str, str]:

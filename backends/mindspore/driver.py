@@ -275,6 +275,11 @@ class PruningCallback(Callback):
 
 
 # ---------------------------------------------------------------------------- Trainer
+def _correct(logits, y):
+    """Number of rows whose arg-max is the label (float32, traceable by ``mindspore.jit``)."""
+    return msops.sum(msops.cast(msops.equal(msops.cast(msops.argmax(logits, 1), ms.int32), y), ms.float32))
+
+
 class Trainer:
     """Cross-entropy training of a model with an optional pruning algorithm, fed NumPy batches."""
 
@@ -291,8 +296,10 @@ class Trainer:
         self._lr_now = float(lr)
         model, opt = self.model, self.optimizer
 
-        def loss_fn(x, y):
-            return msops.cross_entropy(model(x), y)
+        def loss_fn(x, y):  # the second output (correct predictions) is an aux: no gradient
+            logits = model(x)
+            correct = _correct(logits, y)
+            return msops.cross_entropy(logits, y), msops.stop_gradient(correct)
 
         def apply_fn(grads):
             return opt(grads)
@@ -300,11 +307,11 @@ class Trainer:
         def eval_fn(x, y):
             logits = model(x)
             loss = msops.cross_entropy(logits, y, reduction="sum")
-            correct = msops.sum(msops.cast(msops.equal(msops.cast(msops.argmax(logits, 1), ms.int32), y), ms.float32))
+            correct = _correct(logits, y)
             return loss, correct
 
         # Separate compiled functions for train and eval: each is only ever run in its own mode.
-        grad_fn = ms.value_and_grad(loss_fn, None, opt.parameters)
+        grad_fn = ms.value_and_grad(loss_fn, None, opt.parameters, has_aux=True)
         self._grad = ms.jit(grad_fn) if jit else grad_fn
         self._apply = ms.jit(apply_fn) if jit else apply_fn
         self._eval = ms.jit(eval_fn) if jit else eval_fn
@@ -324,12 +331,14 @@ class Trainer:
             self.model.set_train(True)
         xb, yb = self._tensors(x, y)
         self.session.before_step()
-        loss, grads = self._grad(xb, yb)
+        (loss, correct), grads = self._grad(xb, yb)
         grads = self.session.transform_gradients(grads)
         if self.session.should_step():
             # mutable: a plain tuple of tensors would be compiled in as constants (recompiling each step)
             self._apply(ms.mutable(tuple(grads)))
         self.session.after_optimizer_step()
+        #: correct predictions in the batch just trained on, a 0-d tensor (no host sync)
+        self.last_correct = correct
         return loss
 
     def evaluate(self, batches: Iterable[Tuple[np.ndarray, np.ndarray]]) -> Tuple[float, float]:

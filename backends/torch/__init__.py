@@ -1,5 +1,6 @@
 """The PyTorch backend (CPU and CUDA)."""
 from .driver import PruningSession, Trainer, make_optimizer
+from . import checkpoint
 from .layers import TorchModelHandle, discover_layers
 from .compact import compact
 from .models import build_model

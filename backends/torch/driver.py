@@ -149,13 +149,16 @@ class Trainer:
         self.model.train()
         xb, yb = self._to_device(x, y)
         self.session.before_step()
-        loss = F.cross_entropy(self.model(xb), yb)
+        logits = self.model(xb)
+        loss = F.cross_entropy(logits, yb)
         self.optimizer.zero_grad(set_to_none=False)
         loss.backward()
         self.session.after_backward()
         if self.session.should_step():
             self.optimizer.step()
         self.session.after_optimizer_step()
+        #: correct predictions in the batch just trained on, a 0-d tensor (no host sync)
+        self.last_correct = (logits.detach().argmax(1) == yb).sum()
         return loss.detach()
 
     @torch.no_grad()

@@ -16,6 +16,30 @@ A driver calls, for every optimizer step ``t`` (0-based, counted over the whole 
    algorithm's own post-step work (projections, thresholds).
 
 The algorithm only sees :class:`~prunekit.ops.Ops` and :class:`~prunekit.handle.ModelHandle`.
+
+Checkpoints (resume after a crash)
+----------------------------------
+``prunekit run`` checkpoints between two optimizer steps and resumes a run so that it finishes
+with the masks, ranks and weights of an uninterrupted run. The job saves the model's weights
+and BN statistics, the optimizer state, the random states and the step itself; the algorithm
+saves *everything else it carries from one step to the next* in :meth:`Algorithm.state_dict`
+and takes it back in :meth:`Algorithm.load_state_dict`. That is the whole interface: an
+algorithm implements these two methods and nothing else.
+
+* ``state_dict()`` returns a tree of dicts (string keys), lists, ``str``, ``int``, ``float``,
+  ``bool``, ``None`` and NumPy arrays — never framework tensors (convert them with
+  :func:`tensors_to_numpy` / ``self.ops.to_numpy``). Subclasses call ``super().state_dict()``
+  and add their own keys; the base saves the masks, the optimizer-state masks and the
+  mask-changed flag.
+* ``load_state_dict(state)`` is called on a fresh instance built with the same config and bound
+  (:meth:`bind`) to the same model, whose weights have already been restored. Call
+  ``super().load_state_dict(state)`` first; convert arrays back with :func:`tensors_from_numpy`.
+  Raise :class:`~prunekit.errors.PlanError` naming the problem when the state does not fit.
+* Include what is computed from the run so far and used later: schedule position if it is not a
+  function of the step, current target, ranks, scores gathered for a later mask update (RPG's
+  dense gradients), pending gradient terms, warm-start bases (``SpectrumEngine.state_dict``),
+  counters, any random generator the algorithm owns (``np.random.Generator.bit_generator.state``).
+  What :meth:`bind` derives from the config and the model (layers, schedules) need not be saved.
 """
 from __future__ import annotations
 
@@ -23,7 +47,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from ..errors import ModelError
+from ..errors import ModelError, PlanError
 from ..handle import ModelHandle
 from ..layers import require_prunable, signature
 from ..ops import Tensor
@@ -110,12 +134,53 @@ class Algorithm:
         return {}
 
     def state_dict(self) -> dict:
-        """Pruning state for checkpoints (masks as NumPy)."""
-        return {"masks": {n: self.ops.to_numpy(m) for n, m in self.masks.items()}}
+        """Pruning state for checkpoints, as NumPy (see "Checkpoints" in this module's docstring)."""
+        state = {"masks": tensors_to_numpy(self.ops, self.masks), "masks_changed": bool(self.masks_changed),
+                 "total_steps": int(self.total_steps)}
+        if self.state_masks is not None:
+            state["state_masks"] = tensors_to_numpy(self.ops, self.state_masks)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        like = self.handle.weight(self.layers[0].name)
-        self.set_masks({n: self.ops.asarray(np.asarray(m, dtype=np.float32), like=like) for n, m in state["masks"].items()})
+        """Restore :meth:`state_dict`'s output on an instance bound to the same model and config."""
+        if not isinstance(state, dict) or "masks" not in state:
+            raise PlanError(f"{self.name} state has no masks: not a state saved by Algorithm.state_dict")
+        saved_steps = state.get("total_steps")
+        if saved_steps is not None and int(saved_steps) != int(self.total_steps):
+            raise PlanError(f"{self.name} state was saved for a run of {saved_steps} steps, this one has "
+                            f"{self.total_steps}")
+        masks = self._masks_from_numpy(state["masks"], "masks")
+        state_masks = state.get("state_masks")
+        self.set_masks(masks, self._masks_from_numpy(state_masks, "state_masks") if state_masks is not None else None)
+        self.masks_changed = bool(state.get("masks_changed", True))
+
+    def _masks_from_numpy(self, arrays: dict, what: str) -> Dict[str, Tensor]:
+        shapes = {l.name: tuple(l.weight_shape) for l in self.handle.layers}
+        for n, m in arrays.items():
+            if n not in shapes:
+                raise PlanError(f"{self.name} state has {what} for layer {n!r}, which model "
+                                f"{self.handle.model_name!r} does not have")
+            if tuple(np.shape(m)) != shapes[n]:
+                raise PlanError(f"{self.name} state has {what} of shape {tuple(np.shape(m))} for layer {n!r}, "
+                                f"whose weight is {shapes[n]}")
+        return {n: self.ops.asarray(np.asarray(m, dtype=np.float32), like=self.handle.weight(n))
+                for n, m in arrays.items()}
+
+
+def tensors_to_numpy(ops, tensors: Optional[Dict[str, Tensor]]) -> Optional[Dict[str, np.ndarray]]:
+    """``{name: tensor}`` as ``{name: NumPy array}`` (None stays None), for ``state_dict``."""
+    if tensors is None:
+        return None
+    return {n: np.asarray(ops.to_numpy(t)) for n, t in tensors.items()}
+
+
+def tensors_from_numpy(ops, arrays: Optional[Dict[str, np.ndarray]], like) -> Optional[Dict[str, Tensor]]:
+    """Inverse of :func:`tensors_to_numpy`: backend tensors beside ``like`` (a tensor, or a
+    function from name to tensor, e.g. ``handle.weight``), keeping each array's dtype."""
+    if arrays is None:
+        return None
+    ref = like if callable(like) else (lambda _n: like)
+    return {n: ops.asarray(np.asarray(a), dtype=np.asarray(a).dtype.name, like=ref(n)) for n, a in arrays.items()}
 
 
 def check_finite_weights(handle: ModelHandle, layers) -> None:

@@ -89,6 +89,16 @@ class MagnitudePruner(Algorithm):
         return {"target_sparsity": c.sparsity, "granularity": c.granularity, "scope": c.scope,
                 "schedule": c.schedule}
 
+    def state_dict(self) -> dict:
+        d = super().state_dict()
+        d["current_sparsity"] = float(self.current_sparsity)
+        return d
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.current_sparsity = float(state.get("current_sparsity", 0.0))
+
+
 
 def magnitude_masks(handle, layers, sparsity: float, granularity: str = "unstructured",
                     scope: str = "global") -> Dict[str, object]:

@@ -44,7 +44,7 @@ from ..errors import ConfigError
 from ..lowrank import METHODS, SpectrumEngine, from_rank_ops, matrix_view, project_top, rank_ops, to_rank_ops
 from ..schedules import SparsitySchedule
 from ..selection import check_sparsity, residual_rank, topk_mask
-from .base import Algorithm
+from .base import Algorithm, tensors_from_numpy, tensors_to_numpy
 from .magnitude import magnitude_masks
 
 SEMANTICS = ("paper", "release")
@@ -225,11 +225,22 @@ class RPGPruner(Algorithm):
 
     def state_dict(self) -> dict:
         d = super().state_dict()
-        d["ranks"] = dict(self.ranks)
-        d["current_sparsity"] = self.current_sparsity
+        d["ranks"] = {n: int(k) for n, k in self.ranks.items()}
+        d["current_sparsity"] = float(self.current_sparsity)
+        d["rank_loss"] = None if self.rank_loss is None else float(self.rank_loss)
+        # regrowth scores gathered in the step before a mask update, used by the next step
+        d["dense_scores"] = tensors_to_numpy(self.ops, self._dense_scores)
+        d["pending"] = tensors_to_numpy(self.ops, self._pending)
+        d["engine"] = self.engine.state_dict()
         return d
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.ranks = dict(state.get("ranks", {}))
+        self.ranks = {n: int(k) for n, k in state.get("ranks", {}).items()}
         self.current_sparsity = float(state.get("current_sparsity", 0.0))
+        self.rank_loss = state.get("rank_loss")
+        self._dense_scores = tensors_from_numpy(self.ops, state.get("dense_scores") or {}, self.handle.weight)
+        self._pending = tensors_from_numpy(self.ops, state.get("pending"), self.handle.weight)
+        if "engine" in state:
+            like = self.handle.weight(self.layers[0].name) if self.rank_ops is self.ops else None
+            self.engine.load_state_dict(state["engine"], like=like)

@@ -33,7 +33,7 @@ from ..lowrank import (METHODS, SCHEMES, SpectrumEngine, from_matrix_view, from_
                        rank_ops, to_rank_ops, top_factors)
 from .rpg import RANK_ON
 from ..selection import energy_rank, value_rank
-from .base import Algorithm
+from .base import Algorithm, tensors_from_numpy, tensors_to_numpy
 
 
 @dataclass
@@ -131,12 +131,18 @@ class TRPPruner(Algorithm):
 
     def state_dict(self) -> dict:
         d = super().state_dict()
-        d["ranks"] = dict(self.ranks)
+        d["ranks"] = {n: int(k) for n, k in self.ranks.items()}
+        d["pending"] = tensors_to_numpy(self.ops, self._pending)
+        d["engine"] = self.engine.state_dict()
         return d
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.ranks = dict(state.get("ranks", {}))
+        self.ranks = {n: int(k) for n, k in state.get("ranks", {}).items()}
+        self._pending = tensors_from_numpy(self.ops, state.get("pending"), self.handle.weight)
+        if "engine" in state:
+            like = self.handle.weight(self.layers[0].name) if self.rank_ops is self.ops else None
+            self.engine.load_state_dict(state["engine"], like=like)
 
 
 # ---------------------------------------------------------------------------------- decomposition

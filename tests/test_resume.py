@@ -1,0 +1,236 @@
+"""Resume after a crash: a real ``prunekit run`` killed with SIGKILL and resumed finishes with the
+weights, masks and ranks of an uninterrupted run; damaged or foreign checkpoints are refused."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from prunekit import checkpoint as ckpt
+from prunekit.algorithms import ALGORITHMS, make_algorithm
+from prunekit.backend import get_backend
+from prunekit.cli import main
+from prunekit.job import RunConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 256 MNIST images, batch 32: 8 steps an epoch; 1 dense + 2 pruning epochs = 24 steps;
+# checkpoints after steps 3, 6, 8 (end of the dense phase, evaluated), 9, 12, ..., 24
+TINY = ["--model", "mnist_cnn", "--dataset", "mnist", "--train-limit", "256", "--test-limit", "64",
+        "--batch-size", "32", "--dense-epochs", "1", "--prune-epochs", "2", "--sparsity", "0.8",
+        "--checkpoint-every", "3", "--deterministic", "--no-progress"]
+
+
+def _prunekit(args, out, kill_at=None, kill_in_checkpoint=None, resume=False):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("PRUNEKIT_TEST_KILL_AT_STEP", None)
+    env.pop("PRUNEKIT_TEST_KILL_IN_CHECKPOINT", None)
+    if kill_at is not None:
+        env["PRUNEKIT_TEST_KILL_AT_STEP"] = str(kill_at)
+    if kill_in_checkpoint is not None:
+        env["PRUNEKIT_TEST_KILL_IN_CHECKPOINT"] = str(kill_in_checkpoint)
+    cmd = [sys.executable, "-m", "prunekit", "run", *args, "--out", str(out)] + (["--resume"] if resume else [])
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _finished(proc):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _killed(proc, out):
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-3000:])
+    assert not os.path.exists(os.path.join(out, "weights.npz"))
+    return ckpt.read_checkpoint(ckpt.checkpoint_path(str(out)))["position"]["step"]
+
+
+def _assert_same_run(a, b):
+    """Final weights (BN statistics included), masks, ranks and trajectory identical."""
+    wa, wb = np.load(os.path.join(a, "weights.npz")), np.load(os.path.join(b, "weights.npz"))
+    assert sorted(wa.files) == sorted(wb.files)
+    for k in wa.files:
+        np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
+    pa, pb = np.load(os.path.join(a, "plan.npz")), np.load(os.path.join(b, "plan.npz"))
+    assert sorted(pa.files) == sorted(pb.files)
+    for k in pa.files:
+        np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+    ja, jb = json.load(open(os.path.join(a, "plan.json"))), json.load(open(os.path.join(b, "plan.json")))
+    assert ja.get("ranks") == jb.get("ranks")
+    ra, rb = json.load(open(os.path.join(a, "report.json"))), json.load(open(os.path.join(b, "report.json")))
+    assert ra["trajectory"] == rb["trajectory"]
+    assert ra["accuracy"] == rb["accuracy"]
+    return ra, rb
+
+
+@pytest.fixture(scope="module")
+def torch_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "magnitude"
+    _finished(_prunekit(["--backend", "torch", "--algorithm", "magnitude", *TINY], out))
+    return out
+
+
+def test_torch_magnitude_killed_twice_resumes_to_the_same_result(torch_reference, tmp_path):
+    args = ["--backend", "torch", "--algorithm", "magnitude", *TINY]
+    out = tmp_path / "run"
+    # killed in the middle of the dense phase: the last checkpoint is after step 3
+    assert _killed(_prunekit(args, out, kill_at=5), out) == 3
+    # resumed, then killed in the middle of a pruning epoch (the masks are half-way down the schedule)
+    assert _killed(_prunekit(args, out, kill_at=14, resume=True), out) == 12
+    proc = _finished(_prunekit(args, out, resume=True))
+    assert "resuming from step 12" in proc.stdout
+    _, report = _assert_same_run(torch_reference, out)
+    assert report["run"]["resumed_at_steps"] == [3, 12]
+    assert abs(report["totals"]["prunable_sparsity"] - 0.8) < 1e-4
+
+
+def test_torch_rpg_killed_while_writing_a_checkpoint_resumes_from_the_last_good_one(tmp_path):
+    args = ["--backend", "torch", "--algorithm", "rpg", *TINY]
+    ref = tmp_path / "ref"
+    _finished(_prunekit(args, ref))
+    out = tmp_path / "run"
+    # the 5th checkpoint (after step 12) dies between writing its temporary file and the rename
+    assert _killed(_prunekit(args, out, kill_in_checkpoint=5), out) == 9
+    state = ckpt.read_checkpoint(ckpt.checkpoint_path(str(out)))
+    # RPG's state crosses the checkpoint: regrowth scores gathered for the next mask update, ranks
+    assert state["algorithm"]["dense_scores"] and state["algorithm"]["ranks"]
+    _finished(_prunekit(args, out, resume=True))
+    _, report = _assert_same_run(ref, out)
+    assert report["ranks"] and report["run"]["resumed_at_steps"] == [9]
+
+
+def test_mindspore_magnitude_killed_resumes_to_the_same_result(tmp_path):
+    args = ["--backend", "mindspore", "--algorithm", "magnitude", *TINY]
+    ref = tmp_path / "ref"
+    _finished(_prunekit(args, ref))
+    out = tmp_path / "run"
+    assert _killed(_prunekit(args, out, kill_at=14), out) == 12
+    _finished(_prunekit(args, out, resume=True))
+    _assert_same_run(ref, out)
+
+
+# ---------------------------------------------------------------------------- refusals
+def _snapshot(folder):
+    return {p: os.path.getmtime(os.path.join(r, p)) for r, _, files in os.walk(folder) for p in files}
+
+
+def _resume_fails(out, extra, capsys, message):
+    before = _snapshot(out)
+    args = ["run", "--backend", "torch", "--algorithm", "magnitude", *TINY, "--out", str(out), "--resume", *extra]
+    status = main(args)
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert message in err, err
+    assert _snapshot(out) == before  # no fresh start: nothing written or removed
+    return err
+
+
+@pytest.fixture
+def copied_run(torch_reference, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(torch_reference, out)
+    return out
+
+
+def test_truncated_checkpoint_is_refused_naming_the_previous_one(copied_run, capsys):
+    path = ckpt.checkpoint_path(str(copied_run))
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    err = _resume_fails(copied_run, [], capsys, "is damaged")
+    assert "previous.npz" in err and "step 21" in err
+
+
+def test_garbled_checkpoint_is_refused(copied_run, capsys):
+    path = ckpt.checkpoint_path(str(copied_run))
+    data = bytearray(open(path, "rb").read())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes((b + 1) % 256 for b in data[middle:middle + 64])
+    open(path, "wb").write(bytes(data))
+    _resume_fails(copied_run, [], capsys, "is damaged")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "resnet20"], "from another model: 'mnist_cnn', this run uses 'resnet20'"),
+    (["--algorithm", "rpg"], "from another algorithm: 'magnitude', this run uses 'rpg'"),
+    (["--sparsity", "0.5"], "another configuration (sparsity: 0.8 in the checkpoint, 0.5 now)"),
+    (["--batch-size", "16"], "batch_size: 32 in the checkpoint, 16 now"),
+])
+def test_checkpoint_of_another_run_is_refused(copied_run, capsys, extra, message):
+    _resume_fails(copied_run, extra, capsys, message)
+
+
+def test_checkpoint_of_another_backend_is_refused(copied_run, capsys):
+    _resume_fails(copied_run, ["--backend", "mindspore"], capsys, "from another backend: 'torch'")
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path, capsys):
+    out = tmp_path / "empty"
+    status = main(["run", *TINY, "--out", str(out), "--resume"])
+    assert status == 2 and "no checkpoint" in capsys.readouterr().err
+    assert not out.exists()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: mnist_cnn\ndataset: mnist\nresume: true\nout: {out}\n")
+    assert main(["run", "--recipe", str(recipe), "--no-progress"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err and not out.exists()
+
+
+# ---------------------------------------------------------------------------- the interface
+def test_state_tree_round_trips_and_rejects_what_it_cannot_store(tmp_path):
+    tree = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": [1, 2.5, None, True, "x"],
+            "c": {"d": np.zeros(0, np.int64), "e": float("inf")}, "identity": {}, "position": {}, "model": {}}
+    ckpt.save_checkpoint(str(tmp_path), tree)
+    back = ckpt.read_checkpoint(ckpt.checkpoint_path(str(tmp_path)))
+    np.testing.assert_array_equal(back["a"], tree["a"])
+    assert back["a"].dtype == np.float32 and back["b"] == [1, 2.5, None, True, "x"]
+    assert back["c"]["d"].dtype == np.int64 and back["c"]["e"] == float("inf")
+    with pytest.raises(TypeError, match="key 3 is a int"):
+        ckpt.flatten({"ranks": {3: 1}}, {})
+    with pytest.raises(TypeError, match="a object cannot be saved"):
+        ckpt.flatten({"x": object()}, {})
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_every_algorithm_state_dict_continues_a_run_exactly(name, tmp_path):
+    """In-process check of the contract in ``prunekit/algorithms/base.py``: stopping after k
+    steps, saving through a checkpoint file and restoring into fresh objects continues exactly
+    like the uninterrupted run (so a new algorithm that forgets some state fails here)."""
+    backend = get_backend("torch")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 16, 1, 28, 28)).astype(np.float32)
+    y = rng.integers(0, 10, size=(8, 16))
+    steps, stop = 8, 4  # RPG: the regrowth scores of step 3 are used by the mask update of step 4
+    cfg = RunConfig(backend="torch", model="mnist_cnn", dataset="mnist", algorithm=name, sparsity=0.6,
+                    frequency=2, end_fraction=0.75)
+
+    def build():
+        handle = backend.model_handle("mnist_cnn", 10, 1, 28, seed=0)
+        algorithm = make_algorithm(name, **cfg.algorithm_kwargs(steps))
+        return handle, algorithm, backend.Trainer(handle, algorithm, "sgd", 0.05, total_steps=steps)
+
+    def finish(handle, algorithm, trainer, start):
+        for t in range(start, steps):
+            trainer.train_step(x[t], y[t])
+        trainer.finish()
+        return handle.state_numpy(), algorithm.plan()
+
+    state_a, plan_a = finish(*build(), 0)
+    handle, algorithm, trainer = build()
+    for t in range(stop):
+        trainer.train_step(x[t], y[t])
+    ckpt.save_checkpoint(str(tmp_path), {"identity": {}, "position": {}, "model": handle.state_numpy(),
+                                         "algorithm": algorithm.state_dict(),
+                                         "optimizer": backend.checkpoint.capture_training_state(trainer)})
+    saved = ckpt.read_checkpoint(ckpt.checkpoint_path(str(tmp_path)))
+    handle, algorithm, trainer = build()
+    handle.load_state_numpy(saved["model"])
+    algorithm.load_state_dict(saved["algorithm"])
+    backend.checkpoint.restore_training_state(trainer, saved["optimizer"])
+    state_b, plan_b = finish(handle, algorithm, trainer, stop)
+    for k in state_a:
+        np.testing.assert_array_equal(state_a[k], state_b[k], err_msg=f"{name}: {k}")
+    assert sorted(plan_a.masks) == sorted(plan_b.masks)
+    for k in plan_a.masks:
+        np.testing.assert_array_equal(plan_a.masks[k], plan_b.masks[k], err_msg=f"{name}: mask {k}")
+    assert plan_a.ranks == plan_b.ranks
