@@ -363,3 +363,44 @@ def layer_slices(groups: Sequence[ChannelGroup], keep: Dict[str, np.ndarray]):
 def compact(handle, keep: Dict[str, Sequence[int]]):
     """Backend-neutral entry point: ``backends.<fw>.compact`` for the handle's backend."""
     return backend_module(handle, "compact").compact(handle, keep)
+
+
+def compact_with_plan(handle, plan):
+    """Replay a plan's ``kept_channels`` on a model: checks the plan against the model's layer
+    signature first (a plan from another model raises :class:`~prunekit.errors.PlanError`), then
+    returns the compacted handle; the model given is not changed."""
+    from .errors import PlanError
+
+    plan.check_matches(handle.layers, handle.model_name)
+    if not plan.kept_channels:
+        raise PlanError("the plan keeps no channel list (kept_channels is empty): nothing to compact")
+    return compact(handle, {k: list(v) for k, v in plan.kept_channels.items()})
+
+
+def zeroed_entries(groups: Sequence[ChannelGroup], keep: Dict[str, Sequence[int]]) -> Dict[str, Dict[str, np.ndarray]]:
+    """For a masked (not compacted) equivalent: per parameter entry of the shared state, the
+    channel indices to zero. A removed channel's producer rows (weight and bias), depthwise rows
+    and BatchNorm weight and bias are zeroed, so its output after the BatchNorm is exactly 0."""
+    zero: Dict[str, np.ndarray] = {}
+    for g in groups:
+        if g.name not in keep:
+            continue
+        removed = np.setdiff1d(np.arange(g.size), np.asarray(keep[g.name], np.int64))
+        for layer in g.producers + g.depthwise:
+            zero[f"{layer}.weight"] = removed
+            zero[f"{layer}.bias"] = removed
+        for nm in g.norms:
+            zero[f"{nm}.weight"] = removed
+            zero[f"{nm}.bias"] = removed
+    return zero
+
+
+def masked_state(state: Dict[str, np.ndarray], groups: Sequence[ChannelGroup],
+                 keep: Dict[str, Sequence[int]]) -> Dict[str, np.ndarray]:
+    """A copy of a shared state dict with the removed channels zeroed (see :func:`zeroed_entries`):
+    for models whose activations map 0 to 0 (ReLU), its outputs equal the compacted model's."""
+    out = {k: np.array(v, copy=True) for k, v in state.items()}
+    for key, removed in zeroed_entries(groups, keep).items():
+        if key in out:
+            out[key][removed] = 0
+    return out
