@@ -24,6 +24,7 @@ from . import checkpoint
 from . import data as datasets
 from .algorithms import ALGORITHMS, make_algorithm
 from .algorithms.magnitude import MagnitudeConfig
+from .algorithms.precrop import PreCropConfig
 from .algorithms.rpg import RPGConfig
 from .algorithms.sdprun import SDPrunConfig
 from .algorithms.trp import TRPConfig
@@ -36,7 +37,8 @@ from .report import build_report, format_report, save_report
 from .selection import check_sparsity
 
 
-ALGORITHM_CONFIGS = {"magnitude": MagnitudeConfig, "rpg": RPGConfig, "trp": TRPConfig, "sdprun": SDPrunConfig}
+ALGORITHM_CONFIGS = {"magnitude": MagnitudeConfig, "rpg": RPGConfig, "trp": TRPConfig, "sdprun": SDPrunConfig,
+                     "precrop": PreCropConfig}
 
 
 @dataclass
@@ -168,6 +170,14 @@ def _evaluate(trainer, ds, cfg: RunConfig) -> float:
 def run(cfg: RunConfig, echo=print) -> dict:
     """Run the whole job; returns the report (also saved under ``cfg.out``)."""
     cfg.validate()
+    # an algorithm that prunes at initialization (PreCropping) scores the untrained model: no dense phase
+    at_init = bool(getattr(ALGORITHMS[cfg.algorithm], "prunes_at_init", False))
+    if at_init:
+        if cfg.resume:
+            raise ConfigError(f"{cfg.algorithm} runs cannot be resumed yet (the model is rebuilt at initialization)")
+        if cfg.dense_epochs:
+            echo(f"{cfg.algorithm} prunes at initialization: dense_epochs={cfg.dense_epochs} ignored")
+            cfg = dataclasses.replace(cfg, dense_epochs=0)
     backend = get_backend(cfg.backend)
     identity = _identity(cfg)
     saved = None
@@ -210,12 +220,17 @@ def run(cfg: RunConfig, echo=print) -> dict:
     prune_steps = cfg.prune_epochs * steps_per_epoch
     algorithm = make_algorithm(cfg.algorithm, **cfg.algorithm_kwargs(prune_steps))
     lr = cfg.lr if not cfg.dense_epochs else cfg.lr * 0.5
+    train_algorithm, init_extra = algorithm, {}
+    if at_init:  # score, build the model to train (narrow dense, or masked), then train it
+        handle, init_extra = _prune_at_init(backend, handle, algorithm, ds, cfg, echo)
+        progress.handle = handle  # checkpoints save the model that trains
+        train_algorithm = algorithm.training_algorithm()
     # an algorithm that is itself the update rule (sDprun: gRDA) names the optimizer it assumes
     overrides = algorithm.trainer_overrides() if hasattr(algorithm, "trainer_overrides") else {}
     if overrides:
         echo("pruning phase optimizer set by " + cfg.algorithm + ": "
              + ", ".join(f"{k}={v}" for k, v in overrides.items()))
-    trainer = backend.Trainer(handle, algorithm, overrides.get("optimizer", cfg.optimizer), overrides.get("lr", lr),
+    trainer = backend.Trainer(handle, train_algorithm, overrides.get("optimizer", cfg.optimizer), overrides.get("lr", lr),
                               overrides.get("momentum", cfg.momentum), overrides.get("weight_decay", cfg.weight_decay),
                               total_steps=prune_steps, **({"lr_schedule": overrides["lr_schedule"]}
                                                           if "lr_schedule" in overrides else {}))
@@ -223,13 +238,13 @@ def run(cfg: RunConfig, echo=print) -> dict:
         algorithm.load_state_dict(saved["algorithm"])
         backend.checkpoint.restore_training_state(trainer, saved["optimizer"])
     progress.seconds["prune"] += _train_epochs(trainer, ds, cfg, cfg.prune_epochs, cfg.dense_epochs,
-                                               f"pruning ({cfg.algorithm})", algorithm, progress=progress,
+                                               f"pruning ({cfg.algorithm})", train_algorithm, progress=progress,
                                                done=progress.start_in_phase("prune"))
     dense_seconds, prune_seconds = progress.seconds["dense"], progress.seconds["prune"]
     trainer.finish()
-    progress.record("final", algorithm)  # measured after the algorithm's final decisions
+    progress.record("final", train_algorithm)  # measured after the algorithm's final decisions
     accuracy["after_pruning"] = _evaluate(trainer, ds, cfg)
-    extra = {}
+    extra = dict(init_extra)
     if cfg.algorithm == "trp":
         handle, extra = _decompose(backend, handle, algorithm, cfg)
         tester = backend.Trainer(handle, None, cfg.optimizer, lr, cfg.momentum, cfg.weight_decay, total_steps=1)
@@ -237,7 +252,7 @@ def run(cfg: RunConfig, echo=print) -> dict:
 
     run_info = {"backend": cfg.backend, "algorithm": cfg.algorithm, "dataset": cfg.dataset,
                 "train_images": int(len(ds.y_train)), "test_images": int(len(ds.y_test)),
-                "target_sparsity": cfg.sparsity if hasattr(algorithm.config, "sparsity") else None,
+                "target_sparsity": cfg.sparsity if hasattr(algorithm.config, "sparsity") and train_algorithm is not None else None,
                 "granularity": cfg.granularity, "scope": cfg.scope,
                 "schedule": cfg.schedule, "dense_epochs": cfg.dense_epochs, "prune_epochs": cfg.prune_epochs,
                 "steps": (cfg.dense_epochs + cfg.prune_epochs) * steps_per_epoch,
@@ -256,6 +271,30 @@ def run(cfg: RunConfig, echo=print) -> dict:
     echo(format_report(report))
     echo(f"report: {paths['markdown']}, {paths['json']}; plan: {plan_paths[0]}; weights: {os.path.join(cfg.out, 'weights.npz')}")
     return report
+
+
+def _prune_at_init(backend, handle, algorithm, ds, cfg: RunConfig, echo):
+    """Score the untrained model (training batches, no augmentation, for data-driven scores) and
+    return the model to train and the report section: parameters and MACs of both models, measured."""
+    from .flops import count_model
+
+    count = getattr(algorithm.config, "batches", 1)
+    data = datasets.batches(ds.x_train, ds.y_train, cfg.batch_size, seed=cfg.seed, epoch=0, augment=False,
+                            mean=ds.mean, std=ds.std)
+    batches = [b for _, b in zip(range(count), data)]
+    before = count_model(handle.layers, handle.weights_numpy(), handle.state_numpy())
+    t0 = time.perf_counter()
+    model = algorithm.prepare(handle, backend, batches, seed=cfg.seed)
+    seconds = time.perf_counter() - t0
+    after = count_model(model.layers, model.weights_numpy(), model.state_numpy())
+    section = {"at_initialization": {**algorithm.describe(), "seconds": round(seconds, 2),
+                                     "params_before": before["total_params"], "params_after": after["total_params"],
+                                     "nonzero_after": after["total_nonzero"],
+                                     "macs_before": before["dense_macs"], "macs_after": after["dense_macs"],
+                                     "effective_macs_after": after["effective_macs"]}}
+    echo(f"{cfg.algorithm} at initialization ({seconds:.1f} s): {before['total_params']} -> {after['total_params']} "
+         f"parameters, {before['dense_macs']} -> {after['dense_macs']} MACs")
+    return model, section
 
 
 def _identity(cfg: RunConfig) -> dict:
