@@ -344,6 +344,8 @@ class PreCropPruner(Algorithm):
         self._model_name = handle.model_name
         self.score(handle, batches)
         if self.config.structure == "unstructured":
+            for n, m in self._init_masks.items():  # pruned from the start (the driver keeps them at zero)
+                handle.mul_weight_(n, m)
             return handle
         self.plan_channels(find_channel_groups(handle))
         narrow = compact(handle, self.channel_keep)
