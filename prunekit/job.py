@@ -23,6 +23,7 @@ import numpy as np
 from . import checkpoint
 from . import data as datasets
 from .algorithms import ALGORITHMS, make_algorithm
+from .algorithms.dsa import DSAConfig
 from .algorithms.magnitude import MagnitudeConfig
 from .algorithms.precrop import PreCropConfig
 from .algorithms.rpg import RPGConfig
@@ -38,7 +39,7 @@ from .selection import check_sparsity
 
 
 ALGORITHM_CONFIGS = {"magnitude": MagnitudeConfig, "rpg": RPGConfig, "trp": TRPConfig, "sdprun": SDPrunConfig,
-                     "precrop": PreCropConfig}
+                     "dsa": DSAConfig, "precrop": PreCropConfig}
 
 
 @dataclass
@@ -187,6 +188,7 @@ def run(cfg: RunConfig, echo=print) -> dict:
     if cfg.deterministic:
         backend.checkpoint.make_deterministic()
     ds = datasets.load_dataset(cfg.dataset, root=cfg.data_root, train_limit=cfg.train_limit, test_limit=cfg.test_limit)
+    ds, held_out = _split_held_out(ds, cfg)  # bi-level algorithms (DSA): weights train on the rest
     handle = backend.model_handle(cfg.model, ds.num_classes, ds.in_channels, ds.image_size, seed=cfg.seed,
                                   device=cfg.device)
     steps_per_epoch = datasets.num_batches(len(ds.y_train), cfg.batch_size)
@@ -219,6 +221,8 @@ def run(cfg: RunConfig, echo=print) -> dict:
 
     prune_steps = cfg.prune_epochs * steps_per_epoch
     algorithm = make_algorithm(cfg.algorithm, **cfg.algorithm_kwargs(prune_steps))
+    if held_out is not None:
+        algorithm.validation = _endless_batches(held_out[0], held_out[1], ds, cfg)
     lr = cfg.lr if not cfg.dense_epochs else cfg.lr * 0.5
     train_algorithm, init_extra = algorithm, {}
     if at_init:  # score, build the model to train (narrow dense, or masked), then train it
@@ -295,6 +299,25 @@ def _prune_at_init(backend, handle, algorithm, ds, cfg: RunConfig, echo):
     echo(f"{cfg.algorithm} at initialization ({seconds:.1f} s): {before['total_params']} -> {after['total_params']} "
          f"parameters, {before['dense_macs']} -> {after['dense_macs']} MACs")
     return model, section
+
+
+def _split_held_out(ds, cfg: RunConfig):
+    """For an algorithm with a ``val_fraction`` (DSA's α steps), split that share of the training
+    set off (``data.split_train_val``): ``(dataset of the rest, (x, y) held out)``; else ``(ds, None)``."""
+    fraction = getattr(cfg.algorithm_kwargs()["config"], "val_fraction", None)
+    if not fraction:
+        return ds, None
+    x_train, y_train, x_val, y_val = datasets.split_train_val(ds.x_train, ds.y_train, fraction, seed=cfg.seed)
+    return dataclasses.replace(ds, x_train=x_train, y_train=y_train), (x_val, y_val)
+
+
+def _endless_batches(x, y, ds, cfg: RunConfig):
+    """Held-out batches without end (a new shuffle each pass), no augmentation."""
+    size = min(cfg.batch_size, len(y))
+    epoch = 0
+    while True:
+        yield from datasets.batches(x, y, size, seed=cfg.seed + 1, epoch=epoch, augment=False, mean=ds.mean, std=ds.std)
+        epoch += 1
 
 
 def _identity(cfg: RunConfig) -> dict:

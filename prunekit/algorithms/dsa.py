@@ -50,7 +50,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..channel_flops import ChannelFlops
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError, ModelError, PlanError
 from ..plan import PruningPlan
 from ..layers import signature
 from .base import Algorithm
@@ -302,6 +302,8 @@ class DSAPruner(Algorithm):
         self._m = np.zeros_like(self.theta)
         self._v = np.zeros_like(self.theta)
         self._arch_steps = 0
+        self._val_used = 0   # held-out batches drawn so far
+        self._val_skip = 0   # batches to skip on the next draw (a resumed run)
         self.search_steps = int(round(cfg.end_fraction * self.total_steps))
         self.final_counts = None
         factory = self._gates_factory or backend_gates(handle)
@@ -355,7 +357,11 @@ class DSAPruner(Algorithm):
             raise ConfigError("DSA needs held-out batches for its α steps: set algorithm.validation to an "
                               "iterator of (x, y) batches (prunekit.job splits off val_fraction of the training set)")
         try:
+            while self._val_skip > 0:  # a resumed run continues where the held-out batches were
+                next(self.validation)
+                self._val_skip -= 1
             x, y = next(self.validation)
+            self._val_used += 1
         except StopIteration:
             raise ConfigError("DSA's validation batches ran out; give an endless iterator") from None
         b = self.importance() if b is None else b
@@ -458,16 +464,31 @@ class DSAPruner(Algorithm):
                            meta=self.describe())
 
     def state_dict(self) -> dict:
-        return {"alpha": self.alpha.copy(), "theta": self.theta.copy(), "adam_m": self._m.copy(),
-                "adam_v": self._v.copy(), "arch_steps": self._arch_steps,
-                "final_counts": None if self.final_counts is None else self.final_counts.copy()}
+        """Everything carried between steps: ratios, θ and its Adam moments, held-out batches used,
+        the final counts once fixed (masks are drawn from (seed, step), so no generator state)."""
+        state = super().state_dict()
+        state["dsa"] = {"alpha": self.alpha.copy(), "theta": self.theta.copy(), "adam_m": self._m.copy(),
+                        "adam_v": self._v.copy(), "arch_steps": int(self._arch_steps),
+                        "validation_batches": int(self._val_used),
+                        "final_counts": None if self.final_counts is None else self.final_counts.copy()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.alpha = np.asarray(state["alpha"], dtype=np.float64).copy()
-        self.theta = np.asarray(state["theta"], dtype=np.float64).copy()
-        self._m = np.asarray(state["adam_m"], dtype=np.float64).copy()
-        self._v = np.asarray(state["adam_v"], dtype=np.float64).copy()
-        self._arch_steps = int(state["arch_steps"])
-        if state.get("final_counts") is not None:
-            self.alpha = np.asarray(state["final_counts"]) / self.flops_model.sizes
+        super().load_state_dict(state)
+        own = state.get("dsa") if isinstance(state, dict) else None
+        if not isinstance(own, dict):
+            raise PlanError("dsa state has no 'dsa' entry: not a state saved by DSAPruner.state_dict")
+        alpha = np.asarray(own["alpha"], dtype=np.float64)
+        if alpha.shape != self.alpha.shape:
+            raise PlanError(f"dsa state has {alpha.size} keep ratios, this model has {self.alpha.size} channel groups")
+        self.alpha = alpha.copy()
+        self.theta = np.asarray(own["theta"], dtype=np.float64).copy()
+        self._m = np.asarray(own["adam_m"], dtype=np.float64).copy()
+        self._v = np.asarray(own["adam_v"], dtype=np.float64).copy()
+        self._arch_steps = int(own["arch_steps"])
+        self._val_skip = int(own.get("validation_batches", 0))
+        self._val_used = self._val_skip
+        if own.get("final_counts") is not None:
+            counts = np.asarray(own["final_counts"], dtype=np.int64)
+            self.alpha = counts / self.flops_model.sizes
             self._finalize()
