@@ -28,6 +28,11 @@ class ModelHandle(abc.ABC):
     def set_weight(self, layer: str, value: Tensor) -> None:
         """Overwrite the weight of a prunable layer in place (no new Parameter)."""
 
+    def set_weights(self, values: Dict[str, Tensor]) -> None:
+        """Overwrite several prunable weights (``{layer: value}``); a backend may do it in one call."""
+        for layer, value in values.items():
+            self.set_weight(layer, value)
+
     @abc.abstractmethod
     def mul_weight_(self, layer: str, mask: Tensor) -> None:
         """Multiply the weight of a prunable layer by ``mask`` in place."""

@@ -52,6 +52,7 @@ from prunekit.algorithms.base import Algorithm
 from prunekit.errors import ConfigError
 from prunekit.schedules import LearningRateSchedule
 
+from .fused import FusedUpdate
 from .layers import MindSporeModelHandle, write_
 from .ops import check_device
 
@@ -104,10 +105,12 @@ class PruningSession:
         """Whether to call the optimizer this step (RPG's release semantics skips some)."""
         return self.algorithm is None or self.algorithm.should_step_optimizer(self.step)
 
-    def after_optimizer_step(self) -> None:
+    def after_optimizer_step(self, weights_masked: bool = False) -> None:
+        """``weights_masked``: the caller has already multiplied the masked weights by their
+        masks after the optimizer step (the Trainer's fused update does it in-graph)."""
         if self.algorithm is not None:
             masks = self.algorithm.masks
-            if masks:
+            if masks and not weights_masked:
                 mask_parameters(ms.mutable(tuple(self._weights[n] for n in masks)), ms.mutable(tuple(masks.values())))
             self.algorithm.after_step(self.step)
             self._sync_optimizer_state()
@@ -315,6 +318,8 @@ class Trainer:
         self._grad = ms.jit(grad_fn) if jit else grad_fn
         self._apply = ms.jit(apply_fn) if jit else apply_fn
         self._eval = ms.jit(eval_fn) if jit else eval_fn
+        # masking, additive algorithm terms and the optimizer in one compiled call (see fused.py)
+        self._fused = FusedUpdate(self.session, opt) if jit else None
 
     @staticmethod
     def _tensors(x: np.ndarray, y: np.ndarray) -> Tuple[ms.Tensor, ms.Tensor]:
@@ -332,11 +337,13 @@ class Trainer:
         xb, yb = self._tensors(x, y)
         self.session.before_step()
         (loss, correct), grads = self._grad(xb, yb)
-        grads = self.session.transform_gradients(grads)
-        if self.session.should_step():
-            # mutable: a plain tuple of tensors would be compiled in as constants (recompiling each step)
-            self._apply(ms.mutable(tuple(grads)))
-        self.session.after_optimizer_step()
+        fused = self._fused is not None and self._fused(grads)
+        if not fused:
+            grads = self.session.transform_gradients(grads)
+            if self.session.should_step():
+                # mutable: a plain tuple of tensors would be compiled in as constants (recompiling each step)
+                self._apply(ms.mutable(tuple(grads)))
+        self.session.after_optimizer_step(weights_masked=fused)
         #: correct predictions in the batch just trained on, a 0-d tensor (no host sync)
         self.last_correct = correct
         return loss

@@ -97,6 +97,15 @@ class Algorithm:
     def transform_gradients(self, step: int, grads: Dict[str, Tensor]) -> Dict[str, Tensor]:
         return grads
 
+    def gradient_terms(self, step: int) -> Optional[Dict[str, Tensor]]:
+        """Optional fast path for drivers that fuse step 3 into a compiled update. If this step's
+        :meth:`transform_gradients` only adds a term to some gradients, each term masked like its
+        gradient (``g·mask + term·mask``), return those terms by layer name (consuming them, as
+        ``transform_gradients`` would) and the driver applies ``(g + term)·mask`` itself instead
+        of calling ``transform_gradients``; ``{}`` if nothing is added this step. None (the
+        default): the driver must call :meth:`transform_gradients`."""
+        return None
+
     def after_step(self, step: int) -> None:
         pass
 

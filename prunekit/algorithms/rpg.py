@@ -154,6 +154,11 @@ class RPGPruner(Algorithm):
             grads[name] = grads[name] + term
         return grads
 
+    def gradient_terms(self, step):
+        # transform_gradients only adds the masked rank term: a driver may fuse it
+        pending, self._pending = self._pending, None
+        return pending or {}
+
     def rank_gradients(self, scale: float = 1.0) -> Dict[str, object]:
         """``scale``·∂(L_rank)/∂W for every conv layer (L_rank the mean of ℓ over layers)."""
         ops = self.rank_ops

@@ -94,7 +94,7 @@ class TRPPruner(Algorithm):
         ops = self.rank_ops
         mats = {l.name: matrix_view(ops, to_rank_ops(self, self.handle.weight(l.name)), c.scheme) for l in self.layers}
         spectra = self.engine.spectra(mats, {n: self.ranks.get(n, 1) for n in mats})
-        pending = {}
+        pending, projected = {}, {}
         for l in self.layers:
             spec = spectra[l.name]
             r = energy_rank(spec.s, c.energy, spec.total_energy)
@@ -104,11 +104,12 @@ class TRPPruner(Algorithm):
                 continue
             if r < min(ops.shape(m)):  # the TRP projection: this step trains the rank-r weights
                 truncated = from_matrix_view(ops, project_top(ops, m, spec, r), l.weight_shape, c.scheme)
-                self.handle.set_weight(l.name, from_rank_ops(self, truncated, l.name))
+                projected[l.name] = from_rank_ops(self, truncated, l.name)
             if c.lam > 0:
                 u, _, vh = top_factors(ops, m, spec, r)
                 pending[l.name] = from_rank_ops(
                     self, from_matrix_view(ops, ops.matmul(u, vh) * c.lam, l.weight_shape, c.scheme), l.name)
+        self.handle.set_weights(projected)  # all layers at once (one call where the backend can)
         self._pending = pending
 
     def transform_gradients(self, step, grads):
@@ -118,6 +119,13 @@ class TRPPruner(Algorithm):
             if name in grads:
                 grads[name] = grads[name] + term
         return grads
+
+    def gradient_terms(self, step):
+        # TRP sets no masks, so "masked like the gradient" is the plain sum: a driver may fuse it
+        if self.masks:
+            return None
+        pending, self._pending = self._pending, None
+        return pending or {}
 
     def plan(self):
         p = super().plan()
