@@ -13,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("mindspore_functional_loop.py", ["--quick"]),
     ("mindspore_model_train.py", ["--quick"]),
     ("plan_across_backends.py", []),
+    ("lightning_callback.py", ["--quick", "--out", "lightning-out"]),
 ])
 def test_example_runs(script, args, tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", script)] + args, cwd=tmp_path,
