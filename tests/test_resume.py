@@ -14,7 +14,7 @@ from prunekit import checkpoint as ckpt
 from prunekit.algorithms import ALGORITHMS, make_algorithm
 from prunekit.backend import get_backend
 from prunekit.cli import main
-from prunekit.job import RunConfig
+from prunekit.job import ALGORITHM_CONFIGS, RunConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 256 MNIST images, batch 32: 8 steps an epoch; 1 dense + 2 pruning epochs = 24 steps;
@@ -196,17 +196,29 @@ def test_every_algorithm_state_dict_continues_a_run_exactly(name, tmp_path):
     """In-process check of the contract in ``prunekit/algorithms/base.py``: stopping after k
     steps, saving through a checkpoint file and restoring into fresh objects continues exactly
     like the uninterrupted run (so a new algorithm that forgets some state fails here)."""
+    if getattr(ALGORITHMS[name], "prunes_at_init", False):
+        pytest.skip(f"{name} prunes at initialization; the job does not resume such runs")
+    if name not in ALGORITHM_CONFIGS:
+        pytest.skip(f"{name} is not wired into the job yet")
     backend = get_backend("torch")
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(8, 16, 1, 28, 28)).astype(np.float32)
-    y = rng.integers(0, 10, size=(8, 16))
     steps, stop = 8, 4  # RPG: the regrowth scores of step 3 are used by the mask update of step 4
-    cfg = RunConfig(backend="torch", model="mnist_cnn", dataset="mnist", algorithm=name, sparsity=0.6,
+    x = rng.normal(size=(steps, 16, 3, 32, 32)).astype(np.float32)
+    y = rng.integers(0, 10, size=(steps, 16))
+    cfg = RunConfig(backend="torch", model="resnet20", dataset="cifar10", algorithm=name, sparsity=0.6,
                     frequency=2, end_fraction=0.75)
 
+    def held_out():  # endless held-out batches for bi-level algorithms (DSA)
+        i = 0
+        while True:
+            yield x[i % steps][:8], y[i % steps][:8]
+            i += 1
+
     def build():
-        handle = backend.model_handle("mnist_cnn", 10, 1, 28, seed=0)
+        handle = backend.model_handle("resnet20", 10, 3, 32, seed=0)
         algorithm = make_algorithm(name, **cfg.algorithm_kwargs(steps))
+        if hasattr(algorithm, "validation"):
+            algorithm.validation = held_out()
         return handle, algorithm, backend.Trainer(handle, algorithm, "sgd", 0.05, total_steps=steps)
 
     def finish(handle, algorithm, trainer, start):

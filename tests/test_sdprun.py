@@ -260,3 +260,37 @@ def test_mindspore_optimizer_matches_neutral_path():
     assert opt.lam == pytest.approx(algo.lam, rel=1e-12)
     np.testing.assert_allclose(opt.accumulator(h2.module("conv1").weight).asnumpy(),
                                algo.ops.to_numpy(algo.acc["conv1"]), rtol=1e-5, atol=1e-6)
+
+
+def test_removed_channels_take_their_batchnorm_with_them(backend):
+    """A zero filter followed by BN still outputs BN's shift: finish() zeroes the BN scale and
+    shift of removed channels, so the masked model equals the compacted (narrower) one."""
+    h = backend.model_handle("resnet20", 10, 3, 32, seed=1)
+    r = np.random.default_rng(2)
+    state = h.state_numpy()
+    for k, v in state.items():
+        if k.endswith(("bias", "running_mean")) and "bn" in k:
+            state[k] = (0.5 * r.standard_normal(v.shape)).astype(np.float32)
+        elif k.endswith("running_var"):
+            state[k] = r.uniform(0.5, 2.0, v.shape).astype(np.float32)
+    h.load_state_numpy(state)
+    algo = SDPrunPruner(SDPrunConfig(c=1e-3, mu=0.51, lr=0.1)).bind(h, 1)
+    ops = h.ops
+    assert "layer1.0.conv1" in algo.acc and "layer1.0.conv2" not in algo.acc  # residual stream: not prunable
+    killed = {"layer1.0.conv1": [0, 3], "layer2.1.conv1": [5]}
+    for name, rows in killed.items():
+        a = ops.to_numpy(algo.acc[name])
+        a[rows] = 0.0
+        algo.acc[name] = ops.asarray(a)
+    algo.step_with({n: ops.zeros_like(ops.asarray(ops.to_numpy(h.weight(n)))) for n in algo.acc})
+    x = r.standard_normal((4, 3, 32, 32)).astype(np.float32)
+    thresholded = h.predict(x)
+    algo.finish()
+    masked = h.predict(x)
+    assert np.abs(masked - thresholded).max() > 1e-3  # the BN shifts did reach the logits
+    for name, rows in killed.items():
+        assert not set(rows) & set(algo.channel_keep[name].tolist())
+        assert len(algo.channel_keep[name]) == h.layer(name).out_channels - len(rows)
+    small = backend.compact(h, algo.channel_keep)
+    np.testing.assert_allclose(small.predict(x), masked, rtol=1e-4, atol=1e-4)
+    assert small.layer("layer1.0.conv1").out_channels == 14
