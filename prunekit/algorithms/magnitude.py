@@ -99,7 +99,6 @@ class MagnitudePruner(Algorithm):
         self.current_sparsity = float(state.get("current_sparsity", 0.0))
 
 
-
 def magnitude_masks(handle, layers, sparsity: float, granularity: str = "unstructured",
                     scope: str = "global") -> Dict[str, object]:
     """Masks keeping the largest-magnitude weights (or channels) at ``sparsity``."""
