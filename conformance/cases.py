@@ -578,6 +578,7 @@ def all_cases() -> List[Case]:
                        "weight": Tol("mostly_close", atol=1e-3, min_agreement=0.995)}))
     cases.extend(_sdprun_cases())
     cases.extend(_precrop_cases())
+    cases.extend(_dsa_cases())
     return cases
 
 
@@ -868,14 +869,17 @@ def _dsa_cases() -> List[Case]:
     # Decisions from identical scores are bitwise (host float64 NumPy on both backends). Gate
     # gradients come from each framework's float32 autograd: within 1e-4 + 1e-3 relative; the α
     # step from them within 1e-5 (Adam's first step is ~ lr·sign(g), insensitive to small
-    # differences). Training: losses as in the magnitude case; ratios within 1e-4; final channel
-    # counts within 1 channel (a count sits on a rounding boundary only by chance).
+    # differences). Training: losses as in the magnitude case. Ratios within 2e-3, a tenth of one
+    # α step (Adam moves θ by ~lr = 0.1, α by ~0.025): Adam divides by |g|, so a group whose
+    # gradient is near 0 amplifies float32 differences (measured 5.5e-4 after 3 α steps); final
+    # channel counts within 1 channel (a count sits on a rounding boundary only by chance;
+    # measured: identical), final MACs within 1 %.
     return [
         Case("decisions/dsa_allocation/resnet20", "decisions", _dsa_allocation, None,
              {"gate_loss": Tol("close", atol=1e-5, rtol=1e-5), "gate_grad": Tol("close", atol=1e-4, rtol=1e-3),
               "alpha_own_gradients": Tol("close", atol=1e-5)}),
         Case("training/dsa_resnet20_cifar10", "training", _dsa_training, None,
              {"loss_first_step": Tol("close", atol=1e-5, rtol=1e-5), "loss": Tol("close", atol=1e-3, rtol=1e-2),
-              "alpha": Tol("close", atol=1e-4), "final_counts": Tol("close", atol=1),
+              "alpha": Tol("close", atol=2e-3), "final_counts": Tol("close", atol=1),
               "final_macs": Tol("close", rtol=0.01)}),
     ]
