@@ -23,6 +23,7 @@ import numpy as np
 from . import checkpoint
 from . import data as datasets
 from .algorithms import ALGORITHMS, make_algorithm
+from .algorithms.channel import ChannelConfig
 from .algorithms.dsa import DSAConfig
 from .algorithms.magnitude import MagnitudeConfig
 from .algorithms.precrop import PreCropConfig
@@ -30,6 +31,7 @@ from .algorithms.rpg import RPGConfig
 from .algorithms.sdprun import SDPrunConfig
 from .algorithms.trp import TRPConfig
 from .backend import check_backend_name, get_backend
+from .distributed import check_batch_size, parallel_backend, start_distributed
 from .errors import ConfigError
 from .models import check_model_name
 from .plots import write_run_plots
@@ -39,7 +41,7 @@ from .selection import check_sparsity
 
 
 ALGORITHM_CONFIGS = {"magnitude": MagnitudeConfig, "rpg": RPGConfig, "trp": TRPConfig, "sdprun": SDPrunConfig,
-                     "dsa": DSAConfig, "precrop": PreCropConfig}
+                     "dsa": DSAConfig, "precrop": PreCropConfig, "channel": ChannelConfig}
 
 
 @dataclass
@@ -69,6 +71,7 @@ class RunConfig:
     device: Optional[str] = None
     out: str = "runs/latest"
     progress: bool = True
+    distributed: Optional[bool] = None  # data parallel (torchrun / msrun); None: when launched by one
     params: Dict[str, Any] = field(default_factory=dict)  # algorithm hyperparameters (--set key=value)
     decompose_threshold: float = 0.05  # TRP: singular values kept by the final decomposition
     checkpoint_every: Optional[int] = None  # steps between checkpoints; None: once per epoch; 0: none
@@ -171,6 +174,7 @@ def _evaluate(trainer, ds, cfg: RunConfig) -> float:
 def run(cfg: RunConfig, echo=print) -> dict:
     """Run the whole job; returns the report (also saved under ``cfg.out``)."""
     cfg.validate()
+    cfg, echo, comm = _start_data_parallel(cfg, echo)  # rank 0 alone prints and writes files
     # an algorithm that prunes at initialization (PreCropping) scores the untrained model: no dense phase
     at_init = bool(getattr(ALGORITHMS[cfg.algorithm], "prunes_at_init", False))
     if at_init:
@@ -180,6 +184,7 @@ def run(cfg: RunConfig, echo=print) -> dict:
             echo(f"{cfg.algorithm} prunes at initialization: dense_epochs={cfg.dense_epochs} ignored")
             cfg = dataclasses.replace(cfg, dense_epochs=0)
     backend = get_backend(cfg.backend)
+    backend = parallel_backend(backend, comm)  # its Trainer is data parallel when comm is set
     identity = _identity(cfg)
     saved = None
     if cfg.resume:  # checked before any data is read or file written
@@ -253,6 +258,12 @@ def run(cfg: RunConfig, echo=print) -> dict:
         handle, extra = _decompose(backend, handle, algorithm, cfg)
         tester = backend.Trainer(handle, None, cfg.optimizer, lr, cfg.momentum, cfg.weight_decay, total_steps=1)
         accuracy["after_decomposition"] = _evaluate(tester, ds, cfg)
+    # (an algorithm that pruned at initialization trained the narrow model already)
+    channel_keep = None if at_init else getattr(algorithm, "channel_keep", None)
+    if channel_keep:  # a channel-pruning algorithm: build the narrower dense model and measure it
+        handle, extra["compaction"] = _compact(backend, handle, channel_keep, echo)
+        tester = backend.Trainer(handle, None, cfg.optimizer, lr, cfg.momentum, cfg.weight_decay, total_steps=1)
+        accuracy["after_compaction"] = _evaluate(tester, ds, cfg)
 
     run_info = {"backend": cfg.backend, "algorithm": cfg.algorithm, "dataset": cfg.dataset,
                 "train_images": int(len(ds.y_train)), "test_images": int(len(ds.y_test)),
@@ -267,14 +278,57 @@ def run(cfg: RunConfig, echo=print) -> dict:
     ranks = getattr(algorithm, "ranks", None)
     report = build_report(handle, accuracy, run_info, ranks=ranks, extra=extra)
     report["trajectory"] = progress.trajectory
+    if comm is not None and not comm.is_main:
+        return report
     os.makedirs(cfg.out, exist_ok=True)
     report["figures"] = write_run_plots(report, cfg.out)
     paths = save_report(report, cfg.out)
-    plan_paths = algorithm.plan().save(os.path.join(cfg.out, "plan"))
+    plan = algorithm.plan()
+    if channel_keep:
+        plan.kept_channels = {k: [int(i) for i in v] for k, v in channel_keep.items()}
+    plan_paths = plan.save(os.path.join(cfg.out, "plan"))
     np.savez_compressed(os.path.join(cfg.out, "weights.npz"), **handle.state_numpy())
     echo(format_report(report))
     echo(f"report: {paths['markdown']}, {paths['json']}; plan: {plan_paths[0]}; weights: {os.path.join(cfg.out, 'weights.npz')}")
     return report
+
+
+def _compact(backend, handle, channel_keep, echo):
+    """Channel pruning's last step: the narrower dense model and the report section, with
+    parameters and MACs of both models measured from their layers."""
+    from .channels import find_channel_groups
+    from .flops import count_model
+
+    before = count_model(handle.layers, handle.weights_numpy(), handle.state_numpy())
+    groups = {g.name: g.size for g in find_channel_groups(handle)}
+    new_handle = backend.compact(handle, channel_keep)
+    after = count_model(new_handle.layers, new_handle.weights_numpy(), new_handle.state_numpy())
+    section = {"params_before": before["total_params"], "params_after": after["total_params"],
+               "macs_before": before["dense_macs"], "macs_after": after["dense_macs"],
+               "macs_kept_fraction": after["dense_macs"] / max(1, before["dense_macs"]),
+               "groups": {k: {"size": groups[k], "kept": len(v), "kept_channels": [int(i) for i in v]}
+                          for k, v in channel_keep.items()}}
+    echo(f"compacted: {before['total_params']} -> {after['total_params']} parameters, "
+         f"{before['dense_macs']} -> {after['dense_macs']} MACs")
+    return new_handle, section
+
+
+def _start_data_parallel(cfg: RunConfig, echo):
+    """Data parallel under torchrun / msrun (``cfg.distributed``, or detected when None): joins the
+    process group; ranks other than 0 print nothing, show no progress and write no checkpoints."""
+    comm = start_distributed(get_backend(cfg.backend), cfg.distributed, cfg.device)
+    if comm is None:
+        return cfg, echo, None
+    check_batch_size(cfg.batch_size, comm.size)
+    cfg = dataclasses.replace(cfg, device=comm.model_device(cfg.device))
+    if not comm.is_main:
+        cfg = dataclasses.replace(cfg, progress=False, checkpoint_every=0)
+        echo = _silent
+    return cfg, echo, comm
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
 
 
 def _prune_at_init(backend, handle, algorithm, ds, cfg: RunConfig, echo):

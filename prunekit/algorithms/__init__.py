@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .base import Algorithm, apply_plan, check_finite_weights
+from .channel import ChannelConfig, ChannelPruner
 from .dsa import DSAConfig, DSAPruner
 from .magnitude import MagnitudeConfig, MagnitudePruner
 from .precrop import PreCropConfig, PreCropPruner
@@ -11,7 +12,7 @@ from .sdprun import SDPrunConfig, SDPrunPruner
 from .trp import TRPConfig, TRPPruner
 
 ALGORITHMS = {"magnitude": MagnitudePruner, "rpg": RPGPruner, "trp": TRPPruner, "sdprun": SDPrunPruner,
-              "dsa": DSAPruner, "precrop": PreCropPruner}
+              "dsa": DSAPruner, "precrop": PreCropPruner, "channel": ChannelPruner}
 #: algorithms the project plans; named here so an error can tell "not yet" from "unknown"
 PLANNED = ()
 
