@@ -44,7 +44,8 @@ _TREE = "__tree__"
 _ARRAY = "__ndarray__"
 
 #: run settings that do not change what a run computes, so a resume may change them
-NEUTRAL_SETTINGS = ("out", "progress", "resume", "checkpoint_every", "data_root", "device", "deterministic")
+NEUTRAL_SETTINGS = ("out", "progress", "resume", "checkpoint_every", "data_root", "device", "deterministic",
+                    "distributed")
 
 
 class CheckpointError(PlanError):

@@ -53,6 +53,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="e.g. cuda or cpu (PyTorch); default: CPU")
     p.add_argument("--out", default=d.out, help="output folder (default %(default)s)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--distributed", dest="distributed", action="store_const", const=True, default=None,
+                   help="data-parallel training; start with torchrun (torch) or msrun (mindspore), "
+                        "which also turn it on by themselves")
     p.add_argument("--set", dest="params", action="append", default=[], metavar="KEY=VALUE",
                    help="an algorithm setting, e.g. --set partial_k=0.1 --set lam=0.5 (repeatable)")
     p.add_argument("--decompose-threshold", type=float, default=d.decompose_threshold,

@@ -31,6 +31,7 @@ from .algorithms.rpg import RPGConfig
 from .algorithms.sdprun import SDPrunConfig
 from .algorithms.trp import TRPConfig
 from .backend import check_backend_name, get_backend
+from .distributed import check_batch_size, parallel_backend, start_distributed
 from .errors import ConfigError
 from .models import check_model_name
 from .plots import write_run_plots
@@ -70,6 +71,7 @@ class RunConfig:
     device: Optional[str] = None
     out: str = "runs/latest"
     progress: bool = True
+    distributed: Optional[bool] = None  # data parallel (torchrun / msrun); None: when launched by one
     params: Dict[str, Any] = field(default_factory=dict)  # algorithm hyperparameters (--set key=value)
     decompose_threshold: float = 0.05  # TRP: singular values kept by the final decomposition
     checkpoint_every: Optional[int] = None  # steps between checkpoints; None: once per epoch; 0: none
@@ -172,6 +174,7 @@ def _evaluate(trainer, ds, cfg: RunConfig) -> float:
 def run(cfg: RunConfig, echo=print) -> dict:
     """Run the whole job; returns the report (also saved under ``cfg.out``)."""
     cfg.validate()
+    cfg, echo, comm = _start_data_parallel(cfg, echo)  # rank 0 alone prints and writes files
     # an algorithm that prunes at initialization (PreCropping) scores the untrained model: no dense phase
     at_init = bool(getattr(ALGORITHMS[cfg.algorithm], "prunes_at_init", False))
     if at_init:
@@ -181,6 +184,7 @@ def run(cfg: RunConfig, echo=print) -> dict:
             echo(f"{cfg.algorithm} prunes at initialization: dense_epochs={cfg.dense_epochs} ignored")
             cfg = dataclasses.replace(cfg, dense_epochs=0)
     backend = get_backend(cfg.backend)
+    backend = parallel_backend(backend, comm)  # its Trainer is data parallel when comm is set
     identity = _identity(cfg)
     saved = None
     if cfg.resume:  # checked before any data is read or file written
@@ -274,6 +278,8 @@ def run(cfg: RunConfig, echo=print) -> dict:
     ranks = getattr(algorithm, "ranks", None)
     report = build_report(handle, accuracy, run_info, ranks=ranks, extra=extra)
     report["trajectory"] = progress.trajectory
+    if comm is not None and not comm.is_main:
+        return report
     os.makedirs(cfg.out, exist_ok=True)
     report["figures"] = write_run_plots(report, cfg.out)
     paths = save_report(report, cfg.out)
@@ -305,6 +311,24 @@ def _compact(backend, handle, channel_keep, echo):
     echo(f"compacted: {before['total_params']} -> {after['total_params']} parameters, "
          f"{before['dense_macs']} -> {after['dense_macs']} MACs")
     return new_handle, section
+
+
+def _start_data_parallel(cfg: RunConfig, echo):
+    """Data parallel under torchrun / msrun (``cfg.distributed``, or detected when None): joins the
+    process group; ranks other than 0 print nothing, show no progress and write no checkpoints."""
+    comm = start_distributed(get_backend(cfg.backend), cfg.distributed, cfg.device)
+    if comm is None:
+        return cfg, echo, None
+    check_batch_size(cfg.batch_size, comm.size)
+    cfg = dataclasses.replace(cfg, device=comm.model_device(cfg.device))
+    if not comm.is_main:
+        cfg = dataclasses.replace(cfg, progress=False, checkpoint_every=0)
+        echo = _silent
+    return cfg, echo, comm
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
 
 
 def _prune_at_init(backend, handle, algorithm, ds, cfg: RunConfig, echo):

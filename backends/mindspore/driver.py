@@ -286,6 +286,8 @@ def _correct(logits, y):
 class Trainer:
     """Cross-entropy training of a model with an optional pruning algorithm, fed NumPy batches."""
 
+    session_class = PruningSession  # the data-parallel trainer substitutes its own
+
     def __init__(self, handle: MindSporeModelHandle, algorithm: Optional[Algorithm] = None, optimizer: str = "sgd",
                  lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4, total_steps: int = 1,
                  lr_schedule: str = "cosine", milestones: tuple = (), device: Optional[str] = None,
@@ -295,7 +297,7 @@ class Trainer:
         self.model = handle.model
         self.optimizer = make_optimizer(self.model, optimizer, lr, momentum, weight_decay)
         self.lr = LearningRateSchedule(lr, total_steps, lr_schedule, tuple(milestones))
-        self.session = PruningSession(handle, algorithm, self.optimizer, total_steps)
+        self.session = self.session_class(handle, algorithm, self.optimizer, total_steps)
         self._lr_now = float(lr)
         model, opt = self.model, self.optimizer
 

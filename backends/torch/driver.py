@@ -127,6 +127,8 @@ def make_optimizer(model: nn.Module, name: str = "sgd", lr: float = 0.1, momentu
 class Trainer:
     """Cross-entropy training of a model with an optional pruning algorithm, fed NumPy batches."""
 
+    session_class = PruningSession  # the data-parallel trainer substitutes its own
+
     def __init__(self, handle: TorchModelHandle, algorithm: Optional[Algorithm] = None, optimizer: str = "sgd",
                  lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4, total_steps: int = 1,
                  lr_schedule: str = "cosine", milestones: tuple = (), device: Optional[str] = None):
@@ -136,7 +138,7 @@ class Trainer:
         self.model.to(self.device)
         self.optimizer = make_optimizer(self.model, optimizer, lr, momentum, weight_decay)
         self.lr = LearningRateSchedule(lr, total_steps, lr_schedule, tuple(milestones))
-        self.session = PruningSession(handle, algorithm, self.optimizer, total_steps)
+        self.session = self.session_class(handle, algorithm, self.optimizer, total_steps)
 
     def _to_device(self, x: np.ndarray, y: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
         return (torch.from_numpy(np.ascontiguousarray(x)).to(self.device, non_blocking=True),
