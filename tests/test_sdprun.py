@@ -82,13 +82,15 @@ def test_registered_and_exclude_checked():
 
 
 # ---------------------------------------------------------------------------- the update
+@pytest.mark.parametrize("update_on", ["device", "host"])
 @pytest.mark.parametrize("coupling", ["filter", "channel"])
-def test_update_equals_numpy_reference_over_several_steps(neutral_ops, coupling):
+def test_update_equals_numpy_reference_over_several_steps(neutral_ops, coupling, update_on):
     ops = neutral_ops
     w, groups = arrays()
     h = ArrayHandle(ops, w)
     c, mu, lr = 0.2, 0.55, 0.1
-    algo = SDPrunPruner(SDPrunConfig(c=c, mu=mu, lr=lr, coupling=coupling), groups=groups).bind(h, 10)
+    algo = SDPrunPruner(SDPrunConfig(c=c, mu=mu, lr=lr, coupling=coupling, update_on=update_on), groups=groups).bind(h, 10)
+    assert (algo.uops is ops) == (update_on == "device")
     r = np.random.default_rng(6)
     steps = [{n: (0.02 * r.standard_normal(w[n].shape)).astype(np.float32) for n in w} for _ in range(5)]
     ref = numpy_reference(w, steps, algo.units, c, mu, lr)
@@ -259,7 +261,7 @@ def test_mindspore_optimizer_matches_neutral_path():
         np.testing.assert_allclose(s1[k], s2[k], rtol=1e-5, atol=1e-6, err_msg=k)
     assert opt.lam == pytest.approx(algo.lam, rel=1e-12)
     np.testing.assert_allclose(opt.accumulator(h2.module("conv1").weight).asnumpy(),
-                               algo.ops.to_numpy(algo.acc["conv1"]), rtol=1e-5, atol=1e-6)
+                               algo.uops.to_numpy(algo.acc["conv1"]), rtol=1e-5, atol=1e-6)
 
 
 def test_removed_channels_take_their_batchnorm_with_them(backend):
@@ -279,9 +281,9 @@ def test_removed_channels_take_their_batchnorm_with_them(backend):
     assert "layer1.0.conv1" in algo.acc and "layer1.0.conv2" not in algo.acc  # residual stream: not prunable
     killed = {"layer1.0.conv1": [0, 3], "layer2.1.conv1": [5]}
     for name, rows in killed.items():
-        a = ops.to_numpy(algo.acc[name])
+        a = algo.uops.to_numpy(algo.acc[name])
         a[rows] = 0.0
-        algo.acc[name] = ops.asarray(a)
+        algo.acc[name] = algo.uops.asarray(a)
     algo.step_with({n: ops.zeros_like(ops.asarray(ops.to_numpy(h.weight(n)))) for n in algo.acc})
     x = r.standard_normal((4, 3, 32, 32)).astype(np.float32)
     thresholded = h.predict(x)

@@ -40,6 +40,7 @@ from ..ops import Ops, Tensor
 from .base import Algorithm
 
 COUPLINGS = ("filter", "channel")
+UPDATE_ON = ("auto", "device", "host")
 #: guards the division by a zero accumulator norm (its scale is 0 anyway)
 _TINY = 1e-30
 
@@ -151,6 +152,7 @@ class SDPrunConfig:
     lr: float = 0.1          # gamma: the constant step size of the accumulator (and of plain SGD)
     coupling: str = "filter"  # "filter": each producer's filters alone; "channel": jointly per channel group
     exclude: Sequence[str] = field(default_factory=tuple)  # layers left to plain SGD
+    update_on: str = "auto"  # "device", "host" (NumPy), or "auto": the backend's preference
 
     def __post_init__(self):
         for key in ("c", "mu", "lr"):
@@ -166,6 +168,8 @@ class SDPrunConfig:
             raise ConfigError(f"sdprun lr (gamma) must be > 0, got {self.lr}")
         if self.coupling not in COUPLINGS:
             raise ConfigError(f"unknown coupling {self.coupling!r}; expected one of {', '.join(COUPLINGS)}")
+        if self.update_on not in UPDATE_ON:
+            raise ConfigError(f"unknown update_on {self.update_on!r}; expected one of {', '.join(UPDATE_ON)}")
         if isinstance(self.exclude, str):
             self.exclude = (self.exclude,)
         self.exclude = tuple(self.exclude)
@@ -205,12 +209,22 @@ class SDPrunPruner(Algorithm):
             raise ModelError(f"{handle.model_name} has no prunable channel group with a conv/linear producer")
         super().bind(handle, total_steps)
         ops = self.ops
+        # where the update runs: MindSpore on a CPU pays ~a millisecond per PyNative op, and the
+        # update is a dozen small ops per layer, so it prefers the host (as RPG's rank term)
+        from ..lowrank import rank_ops
+        self.uops = rank_ops(ops, self.config.update_on)
+        self._host = self.uops is not ops
         # A_0 = w_0 (a copy: the weight itself is overwritten every step)
-        self.acc = {l.name: ops.asarray(ops.to_numpy(handle.weight(l.name)), like=handle.weight(l.name))
-                    for l in self.layers}
+        self.acc = {l.name: self._to_u(handle.weight(l.name), copy=True) for l in self.layers}
         self.schedule = LambdaSchedule(self.config.c, self.config.mu)
         self.channel_keep, self.summary = {}, {}
         return self
+
+    def _to_u(self, x, copy: bool = False):
+        """A backend tensor in the update's ops (a host copy when those are NumPy's)."""
+        if self._host:
+            return self.ops.to_numpy(x)
+        return self.ops.asarray(self.ops.to_numpy(x), like=x) if copy else x
 
     def select_layers(self, layers):
         managed = {n for u in self.units for n in u}
@@ -231,14 +245,16 @@ class SDPrunPruner(Algorithm):
         for name in self.acc:
             g = grads.get(name)
             if g is not None:
-                self.acc[name] = accumulate(self.ops, self.acc[name], g, lr)
+                self.acc[name] = accumulate(self.uops, self.acc[name], self._to_u(g), lr)
         return grads
 
     def after_step(self, step):
         lam = self.schedule.advance(self.config.lr)
         for unit in self.units:
-            new = group_soft_threshold(self.ops, [self.acc[n] for n in unit], lam)
+            new = group_soft_threshold(self.uops, [self.acc[n] for n in unit], lam)
             for n, w in zip(unit, new):
+                if self._host:
+                    w = self.ops.asarray(w, like=self.handle.weight(n))
                 self.handle.set_weight(n, w)
 
     def step_with(self, grads: Dict[str, Tensor]) -> None:
@@ -287,8 +303,8 @@ class SDPrunPruner(Algorithm):
             for p in g.producers:
                 alive |= nonzero[p] if p in nonzero else True
             if not alive.any():  # never empty a group: keep its channel of largest accumulator norm
-                norm, _ = group_norms(ops, [self.acc[p] for p in prods])
-                best = int(np.argmax(ops.to_numpy(norm).astype(np.float64)))
+                norm, _ = group_norms(self.uops, [self.acc[p] for p in prods])
+                best = int(np.argmax(self.uops.to_numpy(norm).astype(np.float64)))
                 alive[best] = True
                 forced.append(g.name)
             kept = np.flatnonzero(alive)
@@ -338,13 +354,14 @@ class SDPrunPruner(Algorithm):
 
     def describe(self) -> dict:
         c = self.config
-        out = {"c": c.c, "mu": c.mu, "lr": c.lr, "coupling": c.coupling, "managed_layers": [l.name for l in self.layers]}
+        out = {"c": c.c, "mu": c.mu, "lr": c.lr, "coupling": c.coupling, "update_on": self.uops.name if self.handle else c.update_on,
+               "managed_layers": [l.name for l in self.layers]}
         out.update(self.summary)
         return out
 
     def state_dict(self) -> dict:
         out = super().state_dict()
-        out["accumulators"] = {n: self.ops.to_numpy(a) for n, a in self.acc.items()}
+        out["accumulators"] = {n: self.uops.to_numpy(a) for n, a in self.acc.items()}
         out["lambda"] = self.schedule.state_dict()
         return out
 
@@ -353,5 +370,5 @@ class SDPrunPruner(Algorithm):
         for n, a in state["accumulators"].items():
             if n not in self.acc:
                 raise ModelError(f"checkpoint has an accumulator for {n!r}, which sdprun does not manage here")
-            self.acc[n] = self.ops.asarray(np.asarray(a, np.float32), like=self.handle.weight(n))
+            self.acc[n] = self._to_u(self.ops.asarray(np.asarray(a, np.float32), like=self.handle.weight(n)), copy=True)
         self.schedule.load_state_dict(state["lambda"])
