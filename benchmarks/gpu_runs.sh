@@ -8,6 +8,10 @@ root=${1:?data root with train.zip/test.zip}
 e_trp=${2:-164}
 e_sparse=${3:-80}
 py=${PYTHON:-python3}
+# several runs share the machine's cores: one BLAS/OpenMP thread each, or their spinning threads
+# starve every run's Python (seen: magnitude runs slowed from 4.8 to 13 s an epoch)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1} \
+       MKL_NUM_THREADS=${MKL_NUM_THREADS:-1} TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-1}
 mkdir -p runs/gpu
 launch() {  # name, args...; torch.compile first, eager from the last checkpoint if compiling fails
     local name=$1; shift
