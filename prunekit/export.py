@@ -194,8 +194,9 @@ def load_run(run_dir: str) -> Tuple[ModelStructure, Dict[str, np.ndarray], str]:
     """``(structure, weights, backend name)`` of a run folder written by ``prunekit run``.
 
     The decomposition comes from the report (scheme, and the ranks, checked against the factor
-    shapes in the weights); kept channels from the plan, used only when the weights are narrower
-    than the reference model's (a channel-masked but uncompacted model keeps its shapes).
+    shapes in the weights); kept channels from the report's compaction section, else from the
+    plan when the weights are narrower than the plan's layers (a channel-masked but uncompacted
+    model keeps its shapes and is rebuilt as the reference model).
     """
     if not os.path.isdir(run_dir):
         raise ConfigError(f"run folder {run_dir} does not exist")
@@ -218,8 +219,15 @@ def load_run(run_dir: str) -> Tuple[ModelStructure, Dict[str, np.ndarray], str]:
             if first is None or first.shape[0] != rank:
                 raise PlanError(f"report says {layer!r} was decomposed at rank {rank}, but weights.npz has "
                                 f"{'no ' + layer + '.0.weight' if first is None else 'rank ' + str(first.shape[0])}")
+    compaction = report.get("compaction")
     plan_json = os.path.join(run_dir, "plan.json")
-    if os.path.exists(plan_json):
+    if compaction:  # job.run compacted a channel-pruned model: the kept channels are in the report
+        try:
+            structure.kept_channels = {str(k): sorted(int(i) for i in g["kept_channels"])
+                                       for k, g in compaction["groups"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise PlanError(f"report {os.path.join(run_dir, 'report.json')}: damaged compaction section ({e})") from None
+    elif os.path.exists(plan_json):
         from .plan import PruningPlan
         plan = PruningPlan.load(plan_json)
         if plan.kept_channels and not _shapes_match_reference(plan, state):
@@ -271,6 +279,9 @@ def export_run(run_dir: str, fmt: str, out: Optional[str] = None, check_batch: i
     out = out or os.path.join(run_dir, "model" + FORMATS[fmt][1])
     if not out.endswith(FORMATS[fmt][1]):
         raise ConfigError(f"{fmt} output {out!r} must end in {FORMATS[fmt][1]}")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"output folder {folder} does not exist")
     reference = structure.build(get_backend(source), state)
     x = structure.example_input(check_batch)
     result = module.export(fmt, structure, state, out, x, reference.predict(x), tolerance)

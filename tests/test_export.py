@@ -212,3 +212,33 @@ def test_cli_export_of_a_trp_run_folder(tmp_path, capsys):
     assert main(["export", out, "--format", "onnx", "--out", str(tmp_path / "x.mindir")]) == 2
     assert "must end in .onnx" in capsys.readouterr().err
     assert sorted(os.listdir(out)) == before
+
+
+def test_cli_export_of_a_compacted_run_folder(tmp_path, capsys):
+    _need("onnxruntime")
+    _need("mindspore")
+    from backends.mindspore.export import load_checkpoint
+    from prunekit.algorithms import ALGORITHMS
+    from prunekit.cli import main
+    from prunekit.job import RunConfig, run
+
+    if "channel" not in ALGORITHMS:
+        pytest.skip("no channel-pruning algorithm in this tree")
+    out = str(tmp_path / "run")
+    report = run(RunConfig(backend="torch", model="mnist_cnn", dataset="mnist", algorithm="channel", dense_epochs=0,
+                           prune_epochs=1, batch_size=32, train_limit=64, test_limit=20, out=out, progress=False,
+                           lr=0.05, params={"target": "channels", "keep_ratio": 0.5}), echo=lambda *a: None)
+    groups = report["compaction"]["groups"]
+    assert any(g["kept"] < g["size"] for g in groups.values())
+    structure = load_run(out)[0]
+    assert structure.kept_channels == {k: g["kept_channels"] for k, g in groups.items()}
+    for fmt in ("onnx", "mindspore-ckpt"):
+        assert main(["export", out, "--format", fmt]) == 0
+        line = capsys.readouterr().out.strip().splitlines()[-1]
+        print(line)
+        assert float(line.rsplit(" ", 1)[-1]) <= TOL
+    loaded = load_checkpoint(os.path.join(out, "model.ckpt"))
+    fc1 = loaded.layer("fc1")
+    assert fc1.out_channels == groups["fc1"]["kept"] < groups["fc1"]["size"]
+    logits = loaded.predict(structure.example_input(4))
+    assert np.std(logits, axis=0).max() > 1e-4  # the narrow model still tells images apart

@@ -111,9 +111,10 @@ class PruningCallback(pl.Callback):
             raise ConfigError("PruningCallback needs accumulate_grad_batches=1 (one pruning step per optimizer step), "
                               f"got {trainer.accumulate_grad_batches}")
         if self.session is None:  # a second fit() continues the same session
-            total = self.total_steps or int(trainer.estimated_stepping_batches)
-            if total < 1 or total == float("inf"):
+            total = self.total_steps or trainer.estimated_stepping_batches
+            if not (1 <= total < float("inf")):
                 raise ConfigError("PruningCallback could not tell the number of training steps; pass total_steps")
+            total = int(total)
             self.handle = TorchModelHandle(self._network(pl_module), self._input_shape(pl_module), self.model_name)
             self.session = PruningSession(self.handle, self.algorithm, trainer.optimizers[0], total)
         else:
