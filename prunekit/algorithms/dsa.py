@@ -42,7 +42,6 @@ splits ``val_fraction`` (10 %) of the training set off for it.
 """
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -245,15 +244,10 @@ class DSAConfig:
 
 
 def backend_gates(handle) -> Callable:
-    """The ``ChannelGates`` class of the handle's backend (``backends/<name>/gates.py``)."""
-    from ..backend import get_backend
+    """The ``ChannelGates`` class of the handle's backend (``backends/<fw>/gates.py``)."""
+    from ..channels import backend_module
 
-    name = handle.ops.name
-    try:
-        module = get_backend(name)
-    except ConfigError:
-        raise ConfigError(f"DSA needs a framework backend for its channel gates; ops {name!r} has none") from None
-    return importlib.import_module(module.__name__ + ".gates").ChannelGates
+    return backend_module(handle, "gates").ChannelGates
 
 
 # ------------------------------------------------------------------------------ the algorithm
@@ -295,8 +289,7 @@ class DSAPruner(Algorithm):
         self.hi = np.where(self.searchable, 1.0 - 1e-4, 1.0)
         self.dense_flops = self.flops_model.dense_flops()
         self.budget_flops = cfg.budget * self.dense_flops
-        theta = np.where(self.searchable, cfg.theta_init, np.inf)
-        alpha = np.where(self.searchable, _sigmoid(np.where(self.searchable, theta, 0.0)), 1.0)
+        alpha = np.where(self.searchable, _sigmoid(cfg.theta_init), 1.0)
         self.alpha, self.multiplier = project_to_budget(self.flops_model, alpha, self.budget_flops, self.lo, self.hi)
         self.theta = self._logit(self.alpha)
         self._m = np.zeros_like(self.theta)
