@@ -120,23 +120,27 @@ def _plain_loop(batches, algorithm):
     return handle, skipped
 
 
-@pytest.mark.parametrize("key", ["magnitude", "rpg-release"])
+@pytest.mark.parametrize("key", ["magnitude", "rpg-release", "trp"])
 def test_lightning_callback_matches_plain_loop(cifar_batches, key):
     pytest.importorskip("lightning")
     algorithm = _algorithm(key)
     callback, net = _lightning_fit(cifar_batches, algorithm)
-    target = CONFIGS[key]["sparsity"]
-    masks = _check_masks(algorithm, callback.handle, target)
     assert "optimizer_step" not in vars(net), "the optimizer_step wrapper was left on the module"
 
     reference = _algorithm(key)
     plain, skipped = _plain_loop(cifar_batches, reference)
     if key == "rpg-release":
         assert skipped > 0, "the release schedule skipped no optimizer step: the skip path is untested"
-    ref_masks = {n: reference.ops.to_numpy(m) for n, m in reference.masks.items()}
-    assert sorted(masks) == sorted(ref_masks)
-    for n in masks:
-        np.testing.assert_array_equal(masks[n], ref_masks[n], err_msg=n)
+    if "sparsity" in CONFIGS[key]:
+        masks = _check_masks(algorithm, callback.handle, CONFIGS[key]["sparsity"])
+        ref_masks = {n: reference.ops.to_numpy(m) for n, m in reference.masks.items()}
+        assert sorted(masks) == sorted(ref_masks)
+        for n in masks:
+            np.testing.assert_array_equal(masks[n], ref_masks[n], err_msg=n)
+    else:  # TRP: the same energy ranks, some of them truncating
+        assert algorithm.ranks and algorithm.ranks == reference.ranks
+        full = {l.name: min(l.weight_shape[0], int(np.prod(l.weight_shape[1:]))) for l in algorithm.layers}
+        assert any(r < full[n] for n, r in algorithm.ranks.items()), "TRP truncated no layer"
     mine, theirs = callback.handle.state_numpy(), plain.state_numpy()
     for n in theirs:
         np.testing.assert_allclose(mine[n], theirs[n], rtol=0, atol=1e-6, err_msg=n)
@@ -250,8 +254,8 @@ def test_mindspore_model_train_runs_every_algorithm(cifar_batches, key):
             np.testing.assert_array_equal(masks[n], ref_masks[n], err_msg=n)
     else:  # TRP: ranks chosen by the energy rule, the same in both loops
         assert algorithm.ranks and algorithm.ranks == reference.ranks
-        assert any(r < min(l.weight_shape[0], int(np.prod(l.weight_shape[1:]))) for l in algorithm.layers
-                   for n, r in algorithm.ranks.items() if n == l.name), "TRP truncated no layer"
+        full = {l.name: min(l.weight_shape[0], int(np.prod(l.weight_shape[1:]))) for l in algorithm.layers}
+        assert any(r < full[n] for n, r in algorithm.ranks.items()), "TRP truncated no layer"
     mine, theirs = handle.state_numpy(), plain.state_numpy()
     for n in theirs:
         np.testing.assert_allclose(mine[n], theirs[n], rtol=0, atol=2e-5, err_msg=n)
