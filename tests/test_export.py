@@ -77,6 +77,10 @@ def test_cross_framework_decomposed_torch_to_mindspore_ckpt_and_mindir(trained_s
     assert set(saved) == {p.name for p in twin.model.get_parameters()}
     assert "bn1.gamma" in saved and "layer3.2.bn2.moving_variance" in saved
     assert "layer1.0.conv1.0.weight" in saved and "layer1.0.conv1" not in {k.rsplit(".", 1)[0] for k in saved}
+    fresh = structure.build(bm)  # MindSpore's own loader accepts the file as well
+    not_loaded, unused = ms.load_param_into_net(fresh.model, saved, strict_load=True)
+    assert not not_loaded and not unused
+    assert _max_diff(fresh.predict(images), expected) <= TOL
 
     loaded = load_checkpoint(path)  # rebuilt from resnet20_trp.structure.json alone
     diff_ckpt = _max_diff(loaded.predict(images), expected)
