@@ -604,14 +604,15 @@ SDPRUN_STEPS = 6
 SDPRUN_C, SDPRUN_MU, SDPRUN_LR = 0.2, 0.55, 0.1
 
 
-def _sdprun_threshold(backend, coupling: str) -> Outputs:
+def _sdprun_threshold(backend, coupling: str, update_on: str = "device") -> Outputs:
     """gRDA group soft-thresholding from identical weights and identical NumPy gradients."""
     from prunekit.algorithms.sdprun import SDPrunConfig, SDPrunPruner
 
     ops = backend.Ops()
     w, groups, grads = _sdprun_arrays()
     h = ArrayHandle(ops, w)
-    algo = SDPrunPruner(SDPrunConfig(c=SDPRUN_C, mu=SDPRUN_MU, lr=SDPRUN_LR, coupling=coupling), groups=groups).bind(h, 10)
+    algo = SDPrunPruner(SDPrunConfig(c=SDPRUN_C, mu=SDPRUN_MU, lr=SDPRUN_LR, coupling=coupling, update_on=update_on),
+                        groups=groups).bind(h, 10)
     out = {}
     for step, g in enumerate(grads, start=1):
         algo.step_with({n: ops.asarray(v) for n, v in g.items()})
@@ -676,11 +677,13 @@ def _sdprun_training(backend) -> Outputs:
 
 def _sdprun_cases() -> List[Case]:
     cases = []
-    for coupling in ("filter", "channel"):
+    # the update on the framework's device and on the host (NumPy), where MindSpore-on-CPU runs it
+    for coupling, update_on in (("filter", "device"), ("channel", "device"), ("filter", "host")):
         # float32 on each backend against a float64 reference: the weights within 1e-5; the
         # zero filters and the kept channels bitwise (no filter sits within rounding of its threshold)
-        cases.append(Case(f"decisions/sdprun_threshold/{coupling}", "decisions",
-                          lambda b, c=coupling: _sdprun_threshold(b, c), lambda c=coupling: _ref_sdprun_threshold(c),
+        cases.append(Case(f"decisions/sdprun_threshold/{coupling}-{update_on}", "decisions",
+                          lambda b, c=coupling, u=update_on: _sdprun_threshold(b, c, u),
+                          lambda c=coupling: _ref_sdprun_threshold(c),
                           {"weight": Tol("close", atol=1e-6, rtol=1e-5)}))
     cases.append(Case("training/sdprun_mnist_cnn", "training", _sdprun_training, None,
                       # chaotic float32 training (see the magnitude case): the first loss tight, the
