@@ -269,6 +269,29 @@ def compare_outputs(got: np.ndarray, reference: np.ndarray, tolerance: float = D
     return diff
 
 
+def _remove(path: str) -> None:
+    if os.path.exists(path):
+        os.remove(path)
+
+
+def write_checked(out: str, tmp: str, write, outputs, reference: np.ndarray, tolerance: float, what: str,
+                  leftovers: Sequence[str] = ()) -> float:
+    """``write(tmp)``, compare ``outputs(tmp)`` with ``reference`` (:func:`compare_outputs`), then
+    rename ``tmp`` to ``out``; returns the max abs difference. On any failure ``tmp`` is removed
+    and ``out`` is left as it was; ``leftovers`` (side files of ``tmp``) are removed either way."""
+    try:
+        write(tmp)
+        diff = compare_outputs(outputs(tmp), reference, tolerance, what)
+    except BaseException:
+        _remove(tmp)
+        raise
+    finally:
+        for path in leftovers:
+            _remove(path)
+    os.replace(tmp, out)
+    return diff
+
+
 def export_run(run_dir: str, fmt: str, out: Optional[str] = None, check_batch: int = 8,
                tolerance: float = DEFAULT_TOLERANCE) -> dict:
     """Export a run folder's model; returns what was written and the measured output difference."""

@@ -13,7 +13,7 @@ import pytest
 
 from prunekit import data
 from prunekit.decompose import plan_decompositions
-from prunekit.errors import ConfigError, PlanError
+from prunekit.errors import ConfigError, ModelError, PlanError
 from prunekit.export import ModelStructure, load_run, structure_path
 
 TOL = 1e-4
@@ -166,6 +166,11 @@ def test_export_errors_leave_files_alone(tmp_path):
     handle = bt.model_handle("mnist_cnn", in_channels=1, image_size=28)
     with pytest.raises(ConfigError, match=r"\.onnx"):
         export_onnx(handle, str(tmp_path / "model.bin"))
+    # a file whose outputs do not match the reference is not kept (here: a wrong reference)
+    x = ModelStructure.of("mnist_cnn", handle).example_input(2)
+    with pytest.raises(ModelError, match="differs from the reference"):
+        export_onnx(handle, str(tmp_path / "model.onnx"), x, handle.predict(x) + 0.5)
+    assert not os.listdir(tmp_path)
     with pytest.raises(ConfigError, match="does not exist"):
         load_run(str(tmp_path / "missing"))
     path = str(tmp_path / "m.pt")

@@ -6,7 +6,6 @@ batches (including RPG's release semantics, which skips optimizer steps). MindSp
 ``Model.train`` with ``PruningTrainOneStepCell`` + ``PruningCallback`` runs every algorithm and
 matches the functional ``PruningSession`` loop.
 """
-import os
 import warnings
 
 import numpy as np

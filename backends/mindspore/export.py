@@ -25,14 +25,9 @@ import mindspore.nn as nn
 import numpy as np
 
 from prunekit.errors import ConfigError, PlanError
-from prunekit.export import DEFAULT_TOLERANCE, ModelStructure, compare_outputs, structure_path
+from prunekit.export import DEFAULT_TOLERANCE, ModelStructure, structure_path, write_checked
 
 from .layers import MindSporeModelHandle, write_
-
-
-def _remove(path: str) -> None:
-    if os.path.exists(path):
-        os.remove(path)
 
 
 def mindir_outputs(path: str, x: np.ndarray) -> np.ndarray:
@@ -54,20 +49,15 @@ def export_mindir(handle: MindSporeModelHandle, path: str, check_input: Optional
     x = check_input if check_input is not None else np.random.default_rng(0).standard_normal(
         (8,) + tuple(handle.input_shape)).astype(np.float32)
     ref = reference if reference is not None else handle.predict(x)
-    base = path[:-7] + ".tmp"  # mindspore.export appends ".mindir"
-    tmp = base + ".mindir"
     was_training = model.training
     model.set_train(False)
-    try:
-        spec = ms.Tensor(shape=[None] + [int(d) for d in handle.input_shape], dtype=ms.float32)
-        ms.export(model, spec, file_name=base, file_format="MINDIR")
-        diff = compare_outputs(mindir_outputs(tmp, x), ref, tolerance, "MindIR model (GraphCell)")
-    except BaseException:
-        _remove(tmp)
-        raise
+    spec = ms.Tensor(shape=[None] + [int(d) for d in handle.input_shape], dtype=ms.float32)
+    try:  # mindspore.export appends ".mindir" to file_name
+        diff = write_checked(path, path[:-7] + ".tmp.mindir",
+                             lambda tmp: ms.export(model, spec, file_name=tmp[:-7], file_format="MINDIR"),
+                             lambda tmp: mindir_outputs(tmp, x), ref, tolerance, "MindIR model (GraphCell)")
     finally:
         model.set_train(was_training)
-    os.replace(tmp, path)
     return {"path": path, "max_abs_diff": diff}
 
 
@@ -126,15 +116,8 @@ def export(fmt: str, structure: ModelStructure, state: Dict[str, np.ndarray], ou
         if not out.endswith(".ckpt"):
             raise ConfigError(f"MindSpore output {out!r} must end in .ckpt")
         tmp = out[:-5] + ".tmp.ckpt"
-        try:
-            save_checkpoint(handle, tmp, structure)
-            diff = compare_outputs(load_checkpoint(tmp, structure).predict(x), reference, tolerance,
-                                   "reloaded MindSpore checkpoint")
-        except BaseException:
-            _remove(tmp)
-            raise
-        finally:
-            _remove(structure_path(tmp))
-        os.replace(tmp, out)
+        diff = write_checked(out, tmp, lambda p: save_checkpoint(handle, p, structure),
+                             lambda p: load_checkpoint(p, structure).predict(x), reference, tolerance,
+                             "reloaded MindSpore checkpoint", leftovers=[structure_path(tmp)])
         return {"path": out, "structure": structure.save(structure_path(out)), "max_abs_diff": diff}
     raise ConfigError(f"the mindspore backend writes mindir or mindspore-ckpt, not {fmt!r}")

@@ -24,16 +24,11 @@ import numpy as np
 import torch
 
 from prunekit.errors import ConfigError, PlanError
-from prunekit.export import DEFAULT_TOLERANCE, ModelStructure, compare_outputs, structure_path
+from prunekit.export import DEFAULT_TOLERANCE, ModelStructure, structure_path, write_checked
 
 from .layers import TorchModelHandle
 
 ONNX_OPSET = 17
-
-
-def _remove(path: str) -> None:
-    if os.path.exists(path):
-        os.remove(path)
 
 
 def onnx_outputs(path: str, x: np.ndarray) -> np.ndarray:
@@ -61,21 +56,20 @@ def export_onnx(handle: TorchModelHandle, path: str, check_input: Optional[np.nd
     ref = reference if reference is not None else handle.predict(x)
     device = next(model.parameters()).device
     dummy = torch.zeros((1,) + tuple(handle.input_shape), device=device)
-    tmp = path[:-5] + ".tmp.onnx"
-    was_training = model.training
-    model.eval()
-    try:
+
+    def write(tmp):
         with warnings.catch_warnings():  # the TorchScript exporter warns about its own internals
             warnings.simplefilter("ignore")
             torch.onnx.export(model, (dummy,), tmp, dynamo=False, opset_version=opset, input_names=["input"],
                               output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-        diff = compare_outputs(onnx_outputs(tmp, x), ref, tolerance, "ONNX model (onnxruntime)")
-    except BaseException:
-        _remove(tmp)
-        raise
+
+    was_training = model.training
+    model.eval()
+    try:
+        diff = write_checked(path, path[:-5] + ".tmp.onnx", write, lambda tmp: onnx_outputs(tmp, x), ref, tolerance,
+                             "ONNX model (onnxruntime)")
     finally:
         model.train(was_training)
-    os.replace(tmp, path)
     return {"path": path, "max_abs_diff": diff}
 
 
@@ -129,15 +123,8 @@ def export(fmt: str, structure: ModelStructure, state: Dict[str, np.ndarray], ou
         if not out.endswith(".pt"):
             raise ConfigError(f"PyTorch output {out!r} must end in .pt")
         tmp = out[:-3] + ".tmp.pt"
-        try:
-            save_state_dict(handle, tmp, structure)
-            diff = compare_outputs(load_state_dict(tmp, structure).predict(x), reference, tolerance,
-                                   "reloaded PyTorch state_dict")
-        except BaseException:
-            _remove(tmp)
-            raise
-        finally:
-            _remove(structure_path(tmp))
-        os.replace(tmp, out)
+        diff = write_checked(out, tmp, lambda p: save_state_dict(handle, p, structure),
+                             lambda p: load_state_dict(p, structure).predict(x), reference, tolerance,
+                             "reloaded PyTorch state_dict", leftovers=[structure_path(tmp)])
         return {"path": out, "structure": structure.save(structure_path(out)), "max_abs_diff": diff}
     raise ConfigError(f"the torch backend writes onnx or torch, not {fmt!r}")
