@@ -14,7 +14,7 @@ from prunekit.algorithms import make_algorithm
 from prunekit.algorithms.sdprun import (LambdaSchedule, SDPrunConfig, SDPrunPruner, grda_lambda,
                                         group_soft_threshold, managed_units)
 from prunekit.channels import ChannelGroup
-from prunekit.errors import ConfigError
+from prunekit.errors import ConfigError, ModelError
 
 
 def group(name, size, producers, prunable=True):
@@ -79,6 +79,8 @@ def test_registered_and_exclude_checked():
         managed_units(layers, groups, "filter", exclude=("nope",))
     assert managed_units(layers, groups, "filter") == [("a",), ("b",), ("c",)]
     assert managed_units(layers, groups, "channel") == [("a", "b"), ("c",)]
+    with pytest.raises(ModelError, match="not layers of this model"):
+        managed_units(layers, groups + [group("x", 3, ("ghost",))], "filter")
 
 
 # ---------------------------------------------------------------------------- the update
@@ -238,7 +240,8 @@ def test_torch_optimizer_joint_group_and_default_selection():
         SDPrun([a], mu=0.4)
 
 
-def test_mindspore_optimizer_matches_neutral_path():
+@pytest.mark.parametrize("update_on", ["device", "host"])
+def test_mindspore_optimizer_matches_neutral_path(update_on):
     ms = pytest.importorskip("mindspore")
     import backends.mindspore as mb
     import mindspore.ops as msops
@@ -249,7 +252,7 @@ def test_mindspore_optimizer_matches_neutral_path():
     h2 = mb.model_handle("mnist_cnn", 10, 1, 28, seed=3)
     algo = SDPrunPruner(SDPrunConfig(c=0.05, mu=0.51, lr=0.1))
     tr = mb.Trainer(h1, algo, "sgd", 0.1, 0.0, 0.0, total_steps=3, lr_schedule="constant")
-    opt = SDPrun.from_handle(h2, learning_rate=0.1, c=0.05, mu=0.51)
+    opt = SDPrun.from_handle(h2, learning_rate=0.1, c=0.05, mu=0.51, update_on=update_on)
     grad_fn = ms.value_and_grad(lambda x, y: msops.cross_entropy(h2.model(x), y), None, opt.parameters)
     h2.model.set_train(True)
     for x, y in _plain_batches(ds, 3):

@@ -133,6 +133,9 @@ def managed_units(layers, groups, coupling: str = "filter", exclude: Sequence[st
     for g in groups:
         if not g.prunable:
             continue
+        missing = [p for p in g.producers if p not in known]
+        if missing:
+            raise ModelError(f"channel group {g.name!r} names producer(s) {missing} that are not layers of this model")
         prods = tuple(sorted((p for p in g.producers if p in known and p not in exclude), key=order.get))
         if not prods:
             continue
