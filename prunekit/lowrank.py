@@ -35,7 +35,7 @@ from .errors import ConfigError
 from .ops import Ops, Tensor
 
 SCHEMES = ("channel", "spatial")
-METHODS = ("exact", "gram", "subspace")
+METHODS = ("auto", "exact", "gram", "subspace", "tracked")  # auto, tracked: prunekit.tracking
 
 
 def matrix_view(ops: Ops, w: Tensor, scheme: str = "channel") -> Tensor:
@@ -84,12 +84,37 @@ class Spectrum:
         return e
 
 
+@dataclass
+class SpectrumGroup:
+    """The spectra of same-shape matrices, kept stacked: the batched form of :class:`Spectrum`."""
+
+    names: Tuple[str, ...]
+    stack: Tensor            # (B, m, n): the matrices as given, in ``names`` order
+    basis: Tensor            # (B, a, q): leading singular vectors of the smaller side, σ descending
+    s: np.ndarray            # (B, q) singular values (host, float64)
+    total_energy: np.ndarray  # (B,) ‖M‖_F² (host, float64)
+    exact: bool
+    side: str = "left"
+
+    def weighted_projection(self, ops: Ops, x: Tensor, coef: np.ndarray) -> Tensor:
+        """Per matrix b of the stack ``x`` (B, m, n): B_b diag(coef[b]) B_bᵀ X_b on the left side,
+        X_b B_b diag(coef[b]) B_bᵀ on the right. ``coef`` (B, q) on the host: ones on the first k
+        columns give the best rank-k approximation (Eckart–Young); 1/σ there gives U_k V_kᵀ."""
+        b, q = ops.shape(self.basis)[0], ops.shape(self.basis)[-1]
+        c = ops.asarray(np.asarray(coef, dtype=np.float32), like=x)
+        if self.side == "left":
+            return ops.matmul(self.basis, ops.matmul(ops.swap_last(self.basis), x) * ops.reshape(c, (b, q, 1)))
+        return ops.matmul(ops.matmul(x, self.basis) * ops.reshape(c, (b, 1, q)), ops.swap_last(self.basis))
+
+
 class SpectrumEngine:
     """Leading spectra of many matrices, batched by shape, with the method chosen above."""
 
     def __init__(self, ops: Ops, method: str = "gram", refresh_every: int = 50, oversample: int = 4):
         if method not in METHODS:
             raise ConfigError(f"unknown spectrum method {method!r}; expected one of {', '.join(METHODS)}")
+        if method in ("auto", "tracked"):  # resolved by prunekit.tracking.resolve_spectrum; tracked uses its BasisTracker
+            method = "gram"
         if refresh_every < 1 or oversample < 0:
             raise ConfigError("refresh_every must be >= 1 and oversample >= 0")
         self.ops = ops
@@ -123,16 +148,25 @@ class SpectrumEngine:
     def spectra(self, mats: Dict[str, Tensor], need: Dict[str, int] | None = None) -> Dict[str, Spectrum]:
         """Spectra of named matrices. ``need[name]`` is the number of leading values the caller
         expects to use (the subspace method keeps that many plus ``oversample``)."""
+        out: Dict[str, Spectrum] = {}
+        for g in self.group_spectra(mats, need):
+            for i, (n, basis) in enumerate(zip(g.names, self.ops.unstack(g.basis))):
+                out[n] = Spectrum(basis, g.s[i], float(g.total_energy[i]), g.exact, g.side)
+        return out
+
+    def group_spectra(self, mats: Dict[str, Tensor], need: Dict[str, int] | None = None) -> List["SpectrumGroup"]:
+        """The same spectra, one :class:`SpectrumGroup` per distinct shape (layers stay stacked,
+        for callers that work on whole groups: a handful of batched ops instead of a few per layer)."""
         ops = self.ops
         need = need or {}
         groups: Dict[Tuple[int, ...], List[str]] = {}
         for name, m in mats.items():
             groups.setdefault(tuple(ops.shape(m)), []).append(name)
-        out: Dict[str, Spectrum] = {}
+        out: List[SpectrumGroup] = []
         refresh = self._calls % self.refresh_every == 0
         self._calls += 1
         for shape, names in groups.items():
-            stack = ops.stack([mats[n] for n in names], axis=0)  # (B, m, n)
+            given = stack = ops.stack([mats[n] for n in names], axis=0)  # (B, m, n)
             transposed = shape[0] > shape[1]
             if transposed:  # work on the smaller side: left vectors of Mᵀ are right vectors of M
                 stack = ops.swap_last(stack)
@@ -150,8 +184,7 @@ class SpectrumEngine:
             s_host = ops.to_numpy(s_all).astype(np.float64)
             e_host = ops.to_numpy(energy).astype(np.float64)
             side = "right" if transposed else "left"
-            for i, (n, basis) in enumerate(zip(names, ops.unstack(u_all))):
-                out[n] = Spectrum(basis, s_host[i], float(e_host[i]), exact, side)
+            out.append(SpectrumGroup(tuple(names), given, u_all, s_host, e_host, exact, side))
         return out
 
     # ------------------------------------------------------------------ methods

@@ -33,6 +33,11 @@ class Ops(abc.ABC):
     #: backend name, e.g. "torch" or "mindspore"
     name: str = "abstract"
 
+    def on_accelerator(self, x: Tensor) -> bool:
+        """Whether ``x`` lives on an accelerator (GPU, NPU): choices such as RPG/TRP's
+        ``spectrum="auto"`` follow it. NumPy and CPU tensors: False."""
+        return False
+
     # ------------------------------------------------------------------ creation / conversion
     @abc.abstractmethod
     def asarray(self, data, dtype: str = "float32", like: Tensor | None = None) -> Tensor:

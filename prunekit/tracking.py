@@ -43,6 +43,27 @@ class TrackedGroup:
     column_mask: Tensor = None  # (B, 1, a): 1 for the first ranks[b] basis columns of matrix b
 
 
+#: per-method defaults when a config leaves ``refresh_every`` / ``solve_lag`` unset
+DEFAULT_REFRESH = {"subspace": 50, "tracked": 10}
+ACCELERATOR_SOLVE_LAG = 8
+
+
+def resolve_spectrum(spectrum: str, refresh_every, solve_lag, on_accelerator: bool) -> Tuple[str, int, int]:
+    """(method, refresh_every, solve_lag) for RPG/TRP. ``"auto"`` is ``tracked`` on an
+    accelerator (eigen-solvers are slow there, and every host read-back stalls the device) and
+    ``gram`` on a CPU. Unset settings take the method's defaults: refresh every 50 calls
+    (subspace) or 10 (tracked); a lag of 8 steps on an accelerator, 0 (solve in the call) on a CPU."""
+    method = spectrum if spectrum != "auto" else ("tracked" if on_accelerator else "gram")
+    refresh = int(refresh_every) if refresh_every is not None else DEFAULT_REFRESH.get(method, 50)
+    if solve_lag is not None:
+        lag = int(solve_lag)
+    else:
+        lag = min(ACCELERATOR_SOLVE_LAG, refresh - 1) if (method == "tracked" and on_accelerator) else 0
+    if method == "tracked" and not 0 <= lag < refresh:
+        raise ConfigError(f"solve_lag must be in [0, refresh_every) = [0, {refresh}), got {lag}")
+    return method, refresh, lag
+
+
 def host_solve(gram: np.ndarray, energy: np.ndarray, choose_rank) -> Tuple[np.ndarray, np.ndarray, List[int]]:
     """Eigen-decomposition of stacked Gram matrices on the host (float64 LAPACK): the basis
     (float32, columns in descending σ order), σ (float64) and each matrix's rank."""

@@ -155,3 +155,17 @@ def test_tracker_rejects_bad_settings():
         RPGConfig(spectrum="tracked", refresh_every=5, solve_lag=5)
     with pytest.raises(ConfigError, match="solve_lag"):
         TRPConfig(spectrum="tracked", solve_lag=-1)
+
+
+def test_auto_spectrum_is_tracked_on_accelerators_and_gram_on_cpus(backend):
+    from prunekit.tracking import resolve_spectrum
+    assert resolve_spectrum("auto", None, None, on_accelerator=True) == ("tracked", 10, 8)
+    assert resolve_spectrum("auto", None, None, on_accelerator=False) == ("gram", 50, 0)
+    assert resolve_spectrum("tracked", None, None, on_accelerator=False) == ("tracked", 10, 0)
+    assert resolve_spectrum("tracked", 4, None, on_accelerator=True) == ("tracked", 4, 3)
+    assert resolve_spectrum("subspace", None, None, on_accelerator=True) == ("subspace", 50, 0)
+    with pytest.raises(ConfigError, match="solve_lag"):
+        resolve_spectrum("tracked", 4, 4, on_accelerator=True)
+    # this machine has no accelerator: the default config resolves to the gram path on both backends
+    rpg = RPGPruner(RPGConfig(sparsity=0.5)).bind(backend.model_handle("resnet20", seed=0), 10)
+    assert rpg.spectrum == "gram" and rpg.tracker is None

@@ -97,6 +97,9 @@ class MindSporeOps(Ops):
         faster in NumPy there (``rank_on="auto"``). On Ascend/GPU the device is used."""
         return ms.get_context("device_target") == "CPU"
 
+    def on_accelerator(self, x):
+        return ms.get_context("device_target") != "CPU"
+
     # creation / conversion
     def asarray(self, data, dtype="float32", like=None):
         if isinstance(data, ms.Tensor):

@@ -27,6 +27,9 @@ class TorchOps(Ops):
     name = "torch"
 
     # creation / conversion
+    def on_accelerator(self, x):
+        return x.device.type != "cpu"
+
     def asarray(self, data, dtype="float32", like=None):
         if isinstance(data, torch.Tensor):
             return data.to(device=_device(like) or data.device, dtype=_DTYPES[dtype])

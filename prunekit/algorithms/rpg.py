@@ -41,8 +41,9 @@ from typing import Dict, Optional
 import numpy as np
 
 from ..errors import ConfigError
-from ..lowrank import METHODS, SpectrumEngine, from_rank_ops, matrix_view, project_top, rank_ops, to_rank_ops
+from ..lowrank import METHODS, SpectrumEngine, from_rank_ops, matrix_view, rank_ops, to_rank_ops
 from ..schedules import SparsitySchedule
+from ..tracking import BasisTracker, resolve_spectrum, batch_scalars, positive
 from ..selection import check_sparsity, residual_rank, topk_mask
 from .base import Algorithm, tensors_from_numpy, tensors_to_numpy
 from .magnitude import magnitude_masks
@@ -61,14 +62,20 @@ class RPGConfig:
     frequency: int = 100
     end_fraction: float = 0.8
     drop_alpha: float = 0.3
-    spectrum: str = "gram"
-    refresh_every: int = 50
+    spectrum: str = "auto"  # "auto": tracked on an accelerator, gram on a CPU (prunekit.tracking)
+    refresh_every: Optional[int] = None  # subspace/tracked: exact solve every N steps (default 50/10)
+    solve_lag: Optional[int] = None  # tracked: install each solve N steps later (default 8 on accelerators, else 0)
     rank_on: str = "auto"  # "device", "host" (NumPy), or "auto": the backend's preference
 
     def __post_init__(self):
         self.sparsity = check_sparsity(self.sparsity)
         if self.rank_on not in RANK_ON:
             raise ConfigError(f"unknown rank_on {self.rank_on!r}; expected one of {', '.join(RANK_ON)}")
+        if self.refresh_every is not None and (not isinstance(self.refresh_every, int) or self.refresh_every < 1):
+            raise ConfigError(f"refresh_every must be a positive integer, got {self.refresh_every!r}")
+        if self.solve_lag is not None and (not isinstance(self.solve_lag, int) or self.solve_lag < 0
+                                           or self.solve_lag >= (self.refresh_every or 10)):
+            raise ConfigError(f"solve_lag must be an integer in [0, refresh_every), got {self.solve_lag!r}")
         if not (0.0 < self.partial_k < 1.0):
             raise ConfigError(f"partial_k must be in (0, 1), got {self.partial_k!r}")
         if not (self.lam >= 0.0 and math.isfinite(self.lam)):
@@ -83,6 +90,11 @@ class RPGConfig:
             raise ConfigError(f"drop_alpha must be in [0, 1), got {self.drop_alpha!r}")
         if self.spectrum not in METHODS:
             raise ConfigError(f"unknown spectrum method {self.spectrum!r}; expected one of {', '.join(METHODS)}")
+
+
+def _per_matrix(ops, values: np.ndarray, like):
+    """Host scalars, one per matrix of a stack, as a (B, 1, 1) tensor to broadcast against it."""
+    return ops.reshape(ops.asarray(np.asarray(values, dtype=np.float32), like=like), (len(values), 1, 1))
 
 
 class RPGPruner(Algorithm):
@@ -104,7 +116,10 @@ class RPGPruner(Algorithm):
         self.t_end = max(0, int(math.floor(c.end_fraction * max(0, self.total_steps - 1))))
         self.schedule = SparsitySchedule(c.sparsity, 0, self.t_end, c.frequency, "exponential")
         self.rank_ops = rank_ops(self.ops, c.rank_on)
-        self.engine = SpectrumEngine(self.rank_ops, c.spectrum, c.refresh_every)
+        on_accelerator = self.ops.on_accelerator(self.handle.weight(self.layers[0].name))
+        self.spectrum, refresh, lag = resolve_spectrum(c.spectrum, c.refresh_every, c.solve_lag, on_accelerator)
+        self.engine = SpectrumEngine(self.rank_ops, self.spectrum, refresh)
+        self.tracker = BasisTracker(self.rank_ops, refresh, lag) if self.spectrum == "tracked" else None
         return self
 
     # ------------------------------------------------------------------ schedule
@@ -161,27 +176,60 @@ class RPGPruner(Algorithm):
 
     def rank_gradients(self, scale: float = 1.0) -> Dict[str, object]:
         """``scale``·∂(L_rank)/∂W for every conv layer (L_rank the mean of ℓ over layers)."""
+        if self.tracker is not None:
+            return self._tracked_rank_gradients(scale)
         ops = self.rank_ops
         mats = {l.name: matrix_view(ops, to_rank_ops(self, self.handle.weight(l.name))) for l in self.conv_layers}
-        spectra = self.engine.spectra(mats, {n: self.ranks.get(n, 1) for n in mats})
-        out, loss = {}, 0.0
+        shapes = {l.name: l.weight_shape for l in self.conv_layers}
+        terms, loss = {}, 0.0
         n_layers = len(mats)
-        for l in self.conv_layers:
-            spec = spectra[l.name]
-            if spec.total_energy <= 0.0:
-                self.ranks[l.name] = 0
-                continue
-            nrm = math.sqrt(spec.total_energy)
-            k = residual_rank(spec.s, self.config.partial_k, spec.total_energy)
-            self.ranks[l.name] = k
-            m = mats[l.name]
-            mn = m * (1.0 / nrm)
-            r = mn - project_top(ops, mn, spec, k)
-            r2 = float(max(0.0, 1.0 - np.sum(spec.s[:k] ** 2) / spec.total_energy))  # ‖R‖² from the spectrum
-            grad = (mn * r2 - r) * (2.0 * scale / (nrm * n_layers))
-            out[l.name] = from_rank_ops(self, ops.reshape(grad, l.weight_shape), l.name)
-            loss -= r2
+        # per shape group, on the stacked matrices: a few batched ops whatever the number of layers
+        for g in self.engine.group_spectra(mats, {n: self.ranks.get(n, 1) for n in mats}):
+            b, q = g.s.shape
+            keep, inv, r2, coef = np.zeros((b, q)), np.zeros(b), np.zeros(b), np.zeros(b)
+            for i, (name, s, e) in enumerate(zip(g.names, g.s, g.total_energy)):
+                if e <= 0.0:  # an all-zero layer: no term (its rows of inv, r2, coef stay 0)
+                    self.ranks[name] = 0
+                    continue
+                k = residual_rank(s, self.config.partial_k, e)
+                self.ranks[name] = k
+                keep[i, :k] = 1.0
+                nrm = math.sqrt(e)
+                inv[i] = 1.0 / nrm
+                r2[i] = max(0.0, 1.0 - float(np.sum(s[:k] ** 2)) / e)  # ‖R‖² from the spectrum
+                coef[i] = 2.0 * scale / (nrm * n_layers)
+                loss -= r2[i]
+            mn = g.stack * _per_matrix(ops, inv, g.stack)
+            r = mn - g.weighted_projection(ops, mn, keep)  # R = Mn − U_k U_kᵀ Mn
+            grad = (mn * _per_matrix(ops, r2, mn) - r) * _per_matrix(ops, coef, mn)
+            for name, gi, e in zip(g.names, ops.unstack(grad), g.total_energy):
+                if e > 0.0:
+                    terms[name] = from_rank_ops(self, ops.reshape(gi, shapes[name]), name)
         self.rank_loss = loss / max(1, n_layers)
+        return {l.name: terms[l.name] for l in self.conv_layers if l.name in terms}
+
+    def _tracked_rank_gradients(self, scale: float) -> Dict[str, object]:
+        """The same gradient, per shape group on stacked matrices, with the bases and ranks of the
+        last exact solve (:mod:`prunekit.tracking`): no host read-back between solves. With an
+        orthonormal basis Ŵ is an orthogonal projection of Mn, so ⟨Mn, R⟩ = ‖R‖² still holds."""
+        ops, tracker, pk = self.rank_ops, self.tracker, self.config.partial_k
+        mats = {l.name: matrix_view(ops, to_rank_ops(self, self.handle.weight(l.name))) for l in self.conv_layers}
+        shapes = {l.name: l.weight_shape for l in self.conv_layers}
+        factor = 2.0 * scale / max(1, len(mats))
+        out, loss = {}, 0.0
+        for group, stack in tracker.stacks(mats, lambda s, e: residual_rank(s, pk, e)):
+            energy = batch_scalars(ops, stack)
+            inv = positive(ops, energy) / ops.sqrt(ops.clip(energy, 1e-30, None))  # 1/‖M‖, 0 for M = 0
+            mn = stack * inv
+            r = mn - tracker.project(group, mn)
+            grad = (mn * batch_scalars(ops, r) - r) * (inv * factor)
+            for name, g in tracker.unstack(group, grad).items():
+                out[name] = from_rank_ops(self, ops.reshape(g, shapes[name]), name)
+            self.ranks.update(zip(group.names, group.ranks))
+            for s, e, k in zip(group.s, group.energy, group.ranks):
+                loss -= max(0.0, 1.0 - float(np.sum(s[:k] ** 2)) / e) if e > 0 else 0.0
+        if tracker.solved_now:  # the loss as of the last exact solve (reading it back would stall)
+            self.rank_loss = loss / max(1, len(mats))
         return out
 
     # ------------------------------------------------------------------ masks
@@ -198,6 +246,8 @@ class RPGPruner(Algorithm):
         # regrown weights start from zero, their optimizer state (momentum, moments) too
         self.set_masks(masks, state_masks={n: m * (1.0 - grown[n]) if n in grown else m for n, m in masks.items()})
         self.engine.reset()  # the weights jumped: a warm-started subspace would be stale
+        if self.tracker is not None:
+            self.tracker.reset()
         for name, g in grown.items():
             self.handle.mul_weight_(name, 1.0 - g)
         self.current_sparsity = sparsity
@@ -226,7 +276,7 @@ class RPGPruner(Algorithm):
     def describe(self) -> dict:
         c = self.config
         return {"target_sparsity": c.sparsity, "partial_k": c.partial_k, "lam": c.lam, "semantics": c.semantics,
-                "rank_every": c.rank_every, "spectrum": c.spectrum, "rank_loss": self.rank_loss}
+                "rank_every": c.rank_every, "spectrum": getattr(self, "spectrum", c.spectrum), "rank_loss": self.rank_loss}
 
     def state_dict(self) -> dict:
         d = super().state_dict()
@@ -237,6 +287,8 @@ class RPGPruner(Algorithm):
         d["dense_scores"] = tensors_to_numpy(self.ops, self._dense_scores)
         d["pending"] = tensors_to_numpy(self.ops, self._pending)
         d["engine"] = self.engine.state_dict()
+        if self.tracker is not None:
+            d["tracker"] = self.tracker.state_dict()
         return d
 
     def load_state_dict(self, state: dict) -> None:
@@ -249,3 +301,6 @@ class RPGPruner(Algorithm):
         if "engine" in state:
             like = self.handle.weight(self.layers[0].name) if self.rank_ops is self.ops else None
             self.engine.load_state_dict(state["engine"], like=like)
+        if self.tracker is not None and "tracker" in state:
+            like = self.handle.weight(self.layers[0].name) if self.rank_ops is self.ops else None
+            self.tracker.load_state_dict(state["tracker"], lambda s, e: residual_rank(s, self.config.partial_k, e), like=like)

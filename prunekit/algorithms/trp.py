@@ -29,10 +29,10 @@ from typing import Dict, Optional
 import numpy as np
 
 from ..errors import ConfigError
-from ..lowrank import (METHODS, SCHEMES, SpectrumEngine, from_matrix_view, from_rank_ops, matrix_view, project_top,
-                       rank_ops, to_rank_ops, top_factors)
+from ..lowrank import METHODS, SCHEMES, SpectrumEngine, from_matrix_view, from_rank_ops, matrix_view, rank_ops, to_rank_ops
 from .rpg import RANK_ON
 from ..selection import energy_rank, value_rank
+from ..tracking import BasisTracker, resolve_spectrum, positive
 from .base import Algorithm, tensors_from_numpy, tensors_to_numpy
 
 
@@ -43,13 +43,19 @@ class TRPConfig:
     every: int = 1
     scheme: str = "channel"
     threshold: float = 0.05
-    spectrum: str = "gram"
-    refresh_every: int = 50
+    spectrum: str = "auto"  # "auto": tracked on an accelerator, gram on a CPU (prunekit.tracking)
+    refresh_every: Optional[int] = None  # subspace/tracked: exact solve every N steps (default 50/10)
+    solve_lag: Optional[int] = None  # tracked: install each solve N steps later (default 8 on accelerators, else 0)
     rank_on: str = "auto"  # "device", "host" (NumPy), or "auto": the backend's preference
 
     def __post_init__(self):
         if self.rank_on not in RANK_ON:
             raise ConfigError(f"unknown rank_on {self.rank_on!r}; expected one of {', '.join(RANK_ON)}")
+        if self.refresh_every is not None and (not isinstance(self.refresh_every, int) or self.refresh_every < 1):
+            raise ConfigError(f"refresh_every must be a positive integer, got {self.refresh_every!r}")
+        if self.solve_lag is not None and (not isinstance(self.solve_lag, int) or self.solve_lag < 0
+                                           or self.solve_lag >= (self.refresh_every or 10)):
+            raise ConfigError(f"solve_lag must be an integer in [0, refresh_every), got {self.solve_lag!r}")
         if not (0.0 < self.energy <= 1.0):
             raise ConfigError(f"energy must be in (0, 1], got {self.energy!r}")
         if not (self.lam >= 0.0 and math.isfinite(self.lam)):
@@ -80,7 +86,10 @@ class TRPPruner(Algorithm):
         super().bind(handle, total_steps)
         c = self.config
         self.rank_ops = rank_ops(self.ops, c.rank_on)
-        self.engine = SpectrumEngine(self.rank_ops, c.spectrum, c.refresh_every)
+        on_accelerator = self.ops.on_accelerator(self.handle.weight(self.layers[0].name))
+        self.spectrum, refresh, lag = resolve_spectrum(c.spectrum, c.refresh_every, c.solve_lag, on_accelerator)
+        self.engine = SpectrumEngine(self.rank_ops, self.spectrum, refresh)
+        self.tracker = BasisTracker(self.rank_ops, refresh, lag) if self.spectrum == "tracked" else None
         return self
 
     def before_step(self, step: int) -> None:
@@ -91,25 +100,62 @@ class TRPPruner(Algorithm):
         self._pending = None
         if step % c.every != 0:
             return
+        if self.tracker is not None:
+            return self._tracked_step()
         ops = self.rank_ops
         mats = {l.name: matrix_view(ops, to_rank_ops(self, self.handle.weight(l.name)), c.scheme) for l in self.layers}
-        spectra = self.engine.spectra(mats, {n: self.ranks.get(n, 1) for n in mats})
+        shapes = {l.name: l.weight_shape for l in self.layers}
         pending, projected = {}, {}
-        for l in self.layers:
-            spec = spectra[l.name]
-            r = energy_rank(spec.s, c.energy, spec.total_energy)
-            self.ranks[l.name] = r
-            m = mats[l.name]
-            if r == 0:
-                continue
-            if r < min(ops.shape(m)):  # the TRP projection: this step trains the rank-r weights
-                truncated = from_matrix_view(ops, project_top(ops, m, spec, r), l.weight_shape, c.scheme)
-                projected[l.name] = from_rank_ops(self, truncated, l.name)
+        # per shape group, on the stacked matrices: a few batched ops whatever the number of layers
+        for g in self.engine.group_spectra(mats, {n: self.ranks.get(n, 1) for n in mats}):
+            b, q = g.s.shape
+            full = min(ops.shape(g.stack)[1:])
+            keep, inv_s = np.zeros((b, q)), np.zeros((b, q))
+            ranks = [energy_rank(s, c.energy, e) for s, e in zip(g.s, g.total_energy)]
+            for i, (name, s, r) in enumerate(zip(g.names, g.s, ranks)):
+                self.ranks[name] = r
+                keep[i, :r] = 1.0
+                inv_s[i, :r] = 1.0 / np.maximum(s[:r], 1e-30)
+            if any(0 < r < full for r in ranks):  # the TRP projection: this step trains the rank-r weights
+                truncated = ops.unstack(g.weighted_projection(ops, g.stack, keep))  # U_r U_rᵀ M
+                for name, t, r in zip(g.names, truncated, ranks):
+                    if 0 < r < full:
+                        projected[name] = from_rank_ops(self, from_matrix_view(ops, t, shapes[name], c.scheme), name)
+            if c.lam > 0 and any(ranks):  # λ·U_r V_rᵀ = λ·U_r diag(1/σ) U_rᵀ M
+                uv = ops.unstack(g.weighted_projection(ops, g.stack, inv_s) * c.lam)
+                for name, t, r in zip(g.names, uv, ranks):
+                    if r > 0:
+                        pending[name] = from_rank_ops(self, from_matrix_view(ops, t, shapes[name], c.scheme), name)
+        order = [l.name for l in self.layers]
+        # all layers at once (one call where the backend can)
+        self.handle.set_weights({n: projected[n] for n in order if n in projected})
+        self._pending = {n: pending[n] for n in order if n in pending}
+
+    def _tracked_step(self) -> None:
+        """Projection and nuclear term per shape group with the bases and ranks of the last exact
+        solve (:mod:`prunekit.tracking`). σ_j are the row norms of U_rᵀM for the current weights,
+        so U_r V_rᵀ = U_r diag(1/σ) U_rᵀ M needs no host read-back."""
+        c, ops, tracker = self.config, self.rank_ops, self.tracker
+        mats = {l.name: matrix_view(ops, to_rank_ops(self, self.handle.weight(l.name)), c.scheme) for l in self.layers}
+        shapes = {l.name: l.weight_shape for l in self.layers}
+        projected, pending = {}, {}
+        for group, stack in tracker.stacks(mats, lambda s, e: energy_rank(s, c.energy, e)):
+            coef = tracker.coefficients(group, stack)  # U_rᵀ M, rows beyond r zero
+            full = min(group.shape)
+            truncated = tracker.unstack(group, ops.matmul(group.basis, coef))
             if c.lam > 0:
-                u, _, vh = top_factors(ops, m, spec, r)
-                pending[l.name] = from_rank_ops(
-                    self, from_matrix_view(ops, ops.matmul(u, vh) * c.lam, l.weight_shape, c.scheme), l.name)
-        self.handle.set_weights(projected)  # all layers at once (one call where the backend can)
+                sigma = ops.sqrt(ops.sum(coef * coef, axis=2, keepdims=True))
+                uv = ops.matmul(group.basis, coef * (positive(ops, sigma) / ops.clip(sigma, 1e-30, None)))
+                terms = tracker.unstack(group, uv * c.lam)
+            for name, r in zip(group.names, group.ranks):
+                self.ranks[name] = r
+                if r == 0:
+                    continue
+                if r < full:  # the TRP projection: this step trains the rank-r weights
+                    projected[name] = from_rank_ops(self, from_matrix_view(ops, truncated[name], shapes[name], c.scheme), name)
+                if c.lam > 0:
+                    pending[name] = from_rank_ops(self, from_matrix_view(ops, terms[name], shapes[name], c.scheme), name)
+        self.handle.set_weights(projected)
         self._pending = pending
 
     def transform_gradients(self, step, grads):
@@ -135,13 +181,15 @@ class TRPPruner(Algorithm):
 
     def describe(self) -> dict:
         c = self.config
-        return {"energy": c.energy, "lam": c.lam, "every": c.every, "scheme": c.scheme, "spectrum": c.spectrum}
+        return {"energy": c.energy, "lam": c.lam, "every": c.every, "scheme": c.scheme, "spectrum": getattr(self, "spectrum", c.spectrum)}
 
     def state_dict(self) -> dict:
         d = super().state_dict()
         d["ranks"] = {n: int(k) for n, k in self.ranks.items()}
         d["pending"] = tensors_to_numpy(self.ops, self._pending)
         d["engine"] = self.engine.state_dict()
+        if self.tracker is not None:
+            d["tracker"] = self.tracker.state_dict()
         return d
 
     def load_state_dict(self, state: dict) -> None:
@@ -151,6 +199,9 @@ class TRPPruner(Algorithm):
         if "engine" in state:
             like = self.handle.weight(self.layers[0].name) if self.rank_ops is self.ops else None
             self.engine.load_state_dict(state["engine"], like=like)
+        if self.tracker is not None and "tracker" in state:
+            like = self.handle.weight(self.layers[0].name) if self.rank_ops is self.ops else None
+            self.tracker.load_state_dict(state["tracker"], lambda s, e: energy_rank(s, self.config.energy, e), like=like)
 
 
 # ---------------------------------------------------------------------------------- decomposition
