@@ -189,11 +189,21 @@ def plot_comparison(points: List[dict], path: str, x: str = "sparsity") -> str:
     fig, ax = plt.subplots(figsize=(7.0, 4.5))
     colours = {}
     palette = ["#c0392b", "#2e86c1", "#27ae60", "#8e44ad", "#e67e22", "#16a085", "#7f8c8d"]
+    scale = (lambda v: 100.0 * v) if x == "sparsity" else (lambda v: v / 1e6)
+    seen: Dict[tuple, int] = {}
     for p in points:
         colour = colours.setdefault(p["algorithm"], palette[len(colours) % len(palette)])
-        xv = 100.0 * p["x"] if x == "sparsity" else p["x"] / 1e6
-        ax.scatter([xv], [100.0 * p["accuracy"]], color=colour, s=36)
-        ax.annotate(p["label"], (xv, 100.0 * p["accuracy"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        xv, yv = scale(p["x"]), 100.0 * p["accuracy"]
+        ax.scatter([xv], [yv], color=colour, s=36)
+        key = (round(xv, 6), round(yv, 6))  # runs at the same point: labels stacked, not overprinted
+        ax.annotate(p["label"], (xv, yv), fontsize=7, xytext=(4, 3 + 9 * seen.get(key, 0)), textcoords="offset points")
+        seen[key] = seen.get(key, 0) + 1
+    for algorithm, colour in colours.items():  # one line per algorithm, in order of the x axis
+        pts = sorted((scale(p["x"]), 100.0 * p["accuracy"]) for p in points if p["algorithm"] == algorithm)
+        if len(pts) > 1:
+            ax.plot([a for a, _ in pts], [b for _, b in pts], color=colour, lw=0.8, alpha=0.6, label=algorithm)
+    if any(len([p for p in points if p["algorithm"] == a]) > 1 for a in colours):
+        ax.legend(fontsize=8)
     ax.set_xlabel("measured sparsity of prunable weights (%)" if x == "sparsity" else "effective MMACs per sample")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{len(points)} run(s): test accuracy against measured {'sparsity' if x == 'sparsity' else 'FLOPs'}",
