@@ -144,7 +144,9 @@ class NumpyOps(Ops):
         return np.take(x, np.asarray(indices, dtype=np.int64), axis=axis)
 
     def flip(self, x, axis):
-        return np.flip(x, axis=axis)
+        # a copy, not np.flip's negative-stride view: np.matmul cannot hand negative strides to
+        # BLAS and falls back to a loop ~10x slower (the spectra's flipped eigenvector bases)
+        return np.ascontiguousarray(np.flip(x, axis=axis))
 
     def matmul(self, a, b):
         return np.matmul(a, b)
