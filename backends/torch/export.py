@@ -23,7 +23,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from prunekit.errors import ConfigError, PlanError
+from prunekit.errors import BackendUnavailable, ConfigError, PlanError
 from prunekit.export import DEFAULT_TOLERANCE, ModelStructure, structure_path, write_checked
 
 from .layers import TorchModelHandle
@@ -33,7 +33,10 @@ ONNX_OPSET = 17
 
 def onnx_outputs(path: str, x: np.ndarray) -> np.ndarray:
     """Outputs of an ONNX file on a NumPy batch, with onnxruntime on the CPU."""
-    import onnxruntime as ort
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise BackendUnavailable(f"checking an ONNX file needs onnxruntime (pip install onnxruntime): {e}") from None
 
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
