@@ -1,8 +1,8 @@
 """Realised speed-up of channel-compacted models against their dense originals.
 
 For each backend and model, the channel baseline (``prunekit.algorithms.channel``) chooses the
-channels that keep 50 % and 25 % of the dense MACs; ``backend.compact`` builds the narrower dense
-models. Inference latency (eval mode, no gradient) of dense and compacted models is the median
+channels that keep 50 % and 25 % of the dense MACs, once freely (``--round-to 1``) and once in
+multiples of 8 per group (``round_to=8``); ``backend.compact`` builds the narrower dense models. Inference latency (eval mode, no gradient) of dense and compacted models is the median
 of ``--repeats`` timed batches after warm-up; MindSpore runs the forward compiled with
 ``mindspore.jit`` (PyNative pays about a millisecond per op, which would hide the arithmetic).
 Printed: the measured MACs ratio (from the compacted layers) beside the latency ratio and
@@ -71,7 +71,8 @@ def latency(timer, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(backend_name: str, model: str, ratios, batch: int, device: str, warmup: int, repeats: int):
+def measure(backend_name: str, model: str, ratios, batch: int, device: str, warmup: int, repeats: int,
+            rounds=(1,)):
     backend = get_backend(backend_name)
     handle = backend.model_handle(model, 10, 3, 32, seed=0, device=device if backend_name == "torch" else None)
     groups = find_channel_groups(handle)
@@ -80,14 +81,14 @@ def measure(backend_name: str, model: str, ratios, batch: int, device: str, warm
     make = _torch_timer if backend_name == "torch" else _mindspore_timer
     dense_t = latency(make(handle, batch, device), warmup, repeats)
     rows = []
-    for r in ratios:
-        keep = choose_channels(handle.layers, groups, weights, r, "flops")
+    for r, k in [(r, k) for r in ratios for k in rounds]:
+        keep = choose_channels(handle.layers, groups, weights, r, "flops", round_to=k)
         small = backend.compact(handle, keep)
         macs = count_model(small.layers, small.weights_numpy(), small.state_numpy())["dense_macs"]
         t = latency(make(small, batch, device), warmup, repeats)
         flops_speedup = dense_macs / macs
         speedup = dense_t / t
-        rows.append({"backend": backend_name, "model": model, "target": r, "macs_ratio": macs / dense_macs,
+        rows.append({"backend": backend_name, "model": model, "target": r, "round_to": k, "macs_ratio": macs / dense_macs,
                      "dense_ms": dense_t * 1e3, "compact_ms": t * 1e3, "latency_ratio": t / dense_t,
                      "flops_speedup": flops_speedup, "speedup": speedup, "efficiency": speedup / flops_speedup})
     return rows
@@ -98,6 +99,7 @@ def main(argv=None):
     p.add_argument("--backends", default="torch,mindspore")
     p.add_argument("--models", default="resnet20,resnet56,mobilenetv2")
     p.add_argument("--ratios", default="0.5,0.25", help="fractions of the dense MACs kept")
+    p.add_argument("--round-to", default="1,8", help="channel multiples the baseline keeps (one row each)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--device", default="cpu", help="cpu, or cuda (PyTorch)")
     p.add_argument("--warmup", type=int, default=3)
@@ -110,7 +112,8 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     ratios = [float(r) for r in a.ratios.split(",")]
     rows = []
-    header = (f"{'backend':10s} {'model':12s} {'target':>6s} {'MACs kept':>9s} {'dense ms':>9s} {'compact ms':>10s} "
+    rounds = [int(k) for k in a.round_to.split(",")]
+    header = (f"{'backend':10s} {'model':12s} {'target':>6s} {'round':>5s} {'MACs kept':>9s} {'dense ms':>9s} {'compact ms':>10s} "
               f"{'latency':>8s} {'MACs x':>7s} {'real x':>7s} {'eff.':>5s}")
     print(header)
     for b in a.backends.split(","):
@@ -118,9 +121,9 @@ def main(argv=None):
             print(f"(mindspore skipped: --device {a.device} is PyTorch only here)")
             continue
         for m in a.models.split(","):
-            for row in measure(b, m, ratios, a.batch, a.device, a.warmup, a.repeats):
+            for row in measure(b, m, ratios, a.batch, a.device, a.warmup, a.repeats, rounds):
                 rows.append(row)
-                print(f"{row['backend']:10s} {row['model']:12s} {row['target']:6.2f} {row['macs_ratio']:9.3f} "
+                print(f"{row['backend']:10s} {row['model']:12s} {row['target']:6.2f} {row['round_to']:5d} {row['macs_ratio']:9.3f} "
                       f"{row['dense_ms']:9.1f} {row['compact_ms']:10.1f} {row['latency_ratio']:8.3f} "
                       f"{row['flops_speedup']:7.2f} {row['speedup']:7.2f} {row['efficiency']:5.2f}", flush=True)
     if a.write:
@@ -130,11 +133,11 @@ def main(argv=None):
                  f"{a.warmup} warm-up; load average {load:.1f} at the end of the run.",
                  "Channels chosen by the channel baseline (group L1, FLOPs target); MACs measured on the compacted "
                  "layers. efficiency = realised speed-up / MACs speed-up (target >= 0.8).", "",
-                 "| backend | model | MACs kept | dense ms | compacted ms | latency ratio | MACs speed-up | "
-                 "realised speed-up | efficiency |",
-                 "|---|---|---|---|---|---|---|---|---|"]
+                 "| backend | model | channels kept in multiples of | MACs kept | dense ms | compacted ms | "
+                 "latency ratio | MACs speed-up | realised speed-up | efficiency |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            lines.append(f"| {r['backend']} | {r['model']} | {r['macs_ratio']:.3f} | {r['dense_ms']:.1f} | "
+            lines.append(f"| {r['backend']} | {r['model']} | {r['round_to']} | {r['macs_ratio']:.3f} | {r['dense_ms']:.1f} | "
                          f"{r['compact_ms']:.1f} | {r['latency_ratio']:.3f} | {r['flops_speedup']:.2f} | "
                          f"{r['speedup']:.2f} | {r['efficiency']:.2f} |")
         write_section(f"Compaction speed-up ({a.device}, batch {a.batch})", lines)

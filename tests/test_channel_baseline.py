@@ -35,6 +35,19 @@ def test_flops_target_met_on_the_compacted_model(ratio):
     assert ratio - 0.02 <= got / dense <= ratio
 
 
+def test_round_to_keeps_multiples():
+    h = _handle("torch", "mobilenetv2")
+    groups = find_channel_groups(h)
+    keep = choose_channels(h.layers, groups, h.weights_numpy(), 0.5, "flops", round_to=8)
+    sizes = {g.name: g.size for g in groups}
+    assert all(len(v) % 8 == 0 or len(v) == sizes[k] for k, v in keep.items())
+    assert any(len(v) < sizes[k] for k, v in keep.items())
+    macs = MacModel(h.layers, groups)
+    assert macs.macs({k: len(v) for k, v in keep.items()}) <= 0.5 * macs.macs({})
+    with pytest.raises(ConfigError, match="round_to"):
+        ChannelConfig(round_to=0)
+
+
 def test_lowest_l1_channels_go_first_and_channel_target():
     h = _handle("torch")
     groups = find_channel_groups(h)
