@@ -191,21 +191,24 @@ def test_state_tree_round_trips_and_rejects_what_it_cannot_store(tmp_path):
         ckpt.flatten({"x": object()}, {})
 
 
-@pytest.mark.parametrize("name", sorted(ALGORITHMS))
-def test_every_algorithm_state_dict_continues_a_run_exactly(name, tmp_path):
+@pytest.mark.parametrize("backend_name, name, model", [("torch", n, "resnet20") for n in sorted(ALGORITHMS)]
+                         + [("mindspore", "rpg", "mnist_cnn")])
+def test_every_algorithm_state_dict_continues_a_run_exactly(backend_name, name, model, tmp_path):
     """In-process check of the contract in ``prunekit/algorithms/base.py``: stopping after k
     steps, saving through a checkpoint file and restoring into fresh objects continues exactly
-    like the uninterrupted run (so a new algorithm that forgets some state fails here)."""
+    like the uninterrupted run (so a new algorithm that forgets some state fails here). MindSpore:
+    RPG, whose rank machinery runs on the host there (NumPy state beside device tensors)."""
     if getattr(ALGORITHMS[name], "prunes_at_init", False):
         pytest.skip(f"{name} prunes at initialization; the job does not resume such runs")
     if name not in ALGORITHM_CONFIGS:
         pytest.skip(f"{name} is not wired into the job yet")
-    backend = get_backend("torch")
+    backend = get_backend(backend_name)
     rng = np.random.default_rng(0)
     steps, stop = 8, 4  # RPG: the regrowth scores of step 3 are used by the mask update of step 4
-    x = rng.normal(size=(steps, 16, 3, 32, 32)).astype(np.float32)
+    channels, size = (1, 28) if model == "mnist_cnn" else (3, 32)  # ResNet-20 for BN (DSA); MNIST CNN: fast
+    x = rng.normal(size=(steps, 16, channels, size, size)).astype(np.float32)
     y = rng.integers(0, 10, size=(steps, 16))
-    cfg = RunConfig(backend="torch", model="resnet20", dataset="cifar10", algorithm=name, sparsity=0.6,
+    cfg = RunConfig(backend=backend_name, model=model, algorithm=name, sparsity=0.6,
                     frequency=2, end_fraction=0.75)
 
     def held_out():  # endless held-out batches for bi-level algorithms (DSA)
@@ -215,7 +218,7 @@ def test_every_algorithm_state_dict_continues_a_run_exactly(name, tmp_path):
             i += 1
 
     def build():
-        handle = backend.model_handle("resnet20", 10, 3, 32, seed=0)
+        handle = backend.model_handle(model, 10, channels, size, seed=0)
         algorithm = make_algorithm(name, **cfg.algorithm_kwargs(steps))
         if hasattr(algorithm, "validation"):
             algorithm.validation = held_out()
