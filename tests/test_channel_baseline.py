@@ -10,7 +10,7 @@ from prunekit.algorithms import make_algorithm
 from prunekit.algorithms.channel import ChannelConfig, MacModel, choose_channels
 from prunekit.backend import get_backend
 from prunekit.channels import compact_with_plan, find_channel_groups
-from prunekit.errors import ConfigError
+from prunekit.errors import ConfigError, ModelError
 from prunekit.flops import count_model
 from prunekit.job import RunConfig, run
 from prunekit.plan import PruningPlan
@@ -46,6 +46,9 @@ def test_round_to_keeps_multiples():
     assert macs.macs({k: len(v) for k, v in keep.items()}) <= 0.5 * macs.macs({})
     with pytest.raises(ConfigError, match="round_to"):
         ChannelConfig(round_to=0)
+    r20 = _handle("torch")  # internal groups of 16 keep >= 8: a quarter of the MACs is out of reach
+    with pytest.raises(ModelError, match="cannot be reached with round_to=8"):
+        choose_channels(r20.layers, find_channel_groups(r20), r20.weights_numpy(), 0.25, "flops", round_to=8)
 
 
 def test_lowest_l1_channels_go_first_and_channel_target():

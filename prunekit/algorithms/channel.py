@@ -172,6 +172,9 @@ def choose_channels(layers, groups: List[ChannelGroup], weights: Dict[str, np.nd
             kept[n] -= 1
             removed[n].append(int(c))
             count += 1
+    if target == "flops" and macs > goal:
+        raise ModelError(f"keep_ratio {keep_ratio:g} of the MACs cannot be reached with round_to={round_to}: "
+                         f"the smallest is {macs / model.macs({}):.3f}")
     return {n: np.setdiff1d(np.arange(sizes[n]), np.asarray(removed[n], np.int64)) for n in names}
 
 
