@@ -436,13 +436,13 @@ def _rpg_update(backend, scenario: str) -> Outputs:
     return out
 
 
-def _trp_step(backend, scenario: str, scheme: str, rank_on: str = "device") -> Outputs:
+def _trp_step(backend, scenario: str, scheme: str, rank_on: str = "device", spectrum: str = "auto") -> Outputs:
     from prunekit.algorithms.trp import TRPConfig, TRPPruner
 
     ops = backend.Ops()
     weights = _conv_weights(scenario)
     h = ArrayHandle(ops, weights, DEPTHWISE_GROUPS)
-    algo = TRPPruner(TRPConfig(energy=0.9, lam=1e-2, scheme=scheme, rank_on=rank_on))
+    algo = TRPPruner(TRPConfig(energy=0.9, lam=1e-2, scheme=scheme, rank_on=rank_on, spectrum=spectrum))
     # ArrayHandle layers have no stem: keep every k×k, non-grouped conv
     algo.select_layers = lambda layers: [l for l in layers if l.kind == "conv" and min(l.kernel_size) > 1 and l.groups == 1]
     algo.bind(h, 10)
@@ -547,16 +547,19 @@ def all_cases() -> List[Case]:
     grad_tol = {"grad": Tol("close", atol=1e-5, rtol=1e-3)}
     for scenario in RANK_SCENARIOS:
         # the rank term on the framework's device and on the host (NumPy), where MindSpore-on-CPU runs it
-        for spectrum, rank_on in (("exact", "device"), ("gram", "device"), ("gram", "host")):
+        # "tracked": the accelerators' path (prunekit/tracking.py), whose solve runs on the host
+        for spectrum, rank_on in (("exact", "device"), ("gram", "device"), ("gram", "host"), ("tracked", "device")):
             cases.append(Case(f"decisions/rpg_rank_term/{spectrum}-{rank_on}/{scenario}", "decisions",
                               lambda b, s=scenario, m=spectrum, o=rank_on: _rpg_rank_term(b, s, m, o),
                               lambda s=scenario: _ref_rpg_rank_term(s), grad_tol))
         cases.append(Case(f"decisions/rpg_mask_update/{scenario}", "decisions",
                           lambda b, s=scenario: _rpg_update(b, s)))
-        variants = (("channel", "device"), ("spatial", "device"), ("channel", "host"))
-        for scheme, rank_on in variants if scenario != "pointwise_and_depthwise" else ():  # TRP skips 1x1/depthwise
-            cases.append(Case(f"decisions/trp_step/{scheme}-{rank_on}/{scenario}", "decisions",
-                              lambda b, s=scenario, c=scheme, o=rank_on: _trp_step(b, s, c, o),
+        variants = (("channel", "device", "auto"), ("spatial", "device", "auto"), ("channel", "host", "auto"),
+                    ("channel", "device", "tracked"), ("spatial", "device", "tracked"))
+        for scheme, rank_on, spectrum in variants if scenario != "pointwise_and_depthwise" else ():  # TRP skips 1x1/depthwise
+            label = f"{scheme}-{rank_on}" + ("-tracked" if spectrum == "tracked" else "")
+            cases.append(Case(f"decisions/trp_step/{label}/{scenario}", "decisions",
+                              lambda b, s=scenario, c=scheme, o=rank_on, m=spectrum: _trp_step(b, s, c, o, m),
                               lambda s=scenario, c=scheme: _ref_trp_step(s, c),
                               {"projected": Tol("close", atol=1e-4, rtol=1e-4),
                                "nuclear_grad": Tol("close", atol=1e-5, rtol=1e-3)}))

@@ -223,8 +223,9 @@ class RPGPruner(Algorithm):
             mn = stack * inv
             r = mn - tracker.project(group, mn)
             grad = (mn * batch_scalars(ops, r) - r) * (inv * factor)
-            for name, g in tracker.unstack(group, grad).items():
-                out[name] = from_rank_ops(self, ops.reshape(g, shapes[name]), name)
+            for (name, g), e in zip(tracker.unstack(group, grad).items(), group.energy):
+                if e > 0:  # as the per-layer path: a zero layer (at the last solve) gets no term
+                    out[name] = from_rank_ops(self, ops.reshape(g, shapes[name]), name)
             self.ranks.update(zip(group.names, group.ranks))
             for s, e, k in zip(group.s, group.energy, group.ranks):
                 loss -= max(0.0, 1.0 - float(np.sum(s[:k] ** 2)) / e) if e > 0 else 0.0
