@@ -79,7 +79,9 @@ class FusedUpdate:
         step, an algorithm whose gradient transform is not purely additive (``gradient_terms``
         returns None), a ``transform_gradients`` replaced on the instance (e.g. a test spy), or a
         masked weight the optimizer does not hold. After True the driver skips its own masking
-        of the weights (``after_optimizer_step(weights_masked=True)``)."""
+        of the weights (``after_optimizer_step(weights_masked=True)``). A fused step does not call
+        ``session.transform_gradients``: a session subclass that changes gradients there must do
+        it before (the data-parallel trainer averages them as they leave the backward pass)."""
         s = self.session
         algo, step = s.algorithm, s.step
         index = s._grad_index
