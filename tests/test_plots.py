@@ -44,6 +44,7 @@ def test_run_writes_pngs_and_embeds_them_in_the_markdown(runs):
         _assert_png(folder / name)
     md = (folder / "report.md").read_text()
     assert "![layers](layers.png)" in md and "![trajectory](trajectory.png)" in md
+    assert not (folder / "checkpoint").exists()  # checkpoint_every=0: none written
 
 
 def test_trajectory_is_measured_from_the_masks(runs):

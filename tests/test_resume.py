@@ -14,6 +14,7 @@ from prunekit import checkpoint as ckpt
 from prunekit.algorithms import ALGORITHMS, make_algorithm
 from prunekit.backend import get_backend
 from prunekit.cli import main
+from prunekit.errors import ConfigError
 from prunekit.job import ALGORITHM_CONFIGS, RunConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,6 +175,12 @@ def test_resume_without_checkpoint_is_an_error(tmp_path, capsys):
     recipe.write_text(f"model: mnist_cnn\ndataset: mnist\nresume: true\nout: {out}\n")
     assert main(["run", "--recipe", str(recipe), "--no-progress"]) == 2
     assert "no checkpoint" in capsys.readouterr().err and not out.exists()
+
+
+def test_checkpoint_every_is_checked():
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ConfigError, match="checkpoint_every"):
+            RunConfig(checkpoint_every=bad).validate()
 
 
 # ---------------------------------------------------------------------------- the interface
