@@ -160,7 +160,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .data import DATASETS
             from .models import MODELS
             print("models:     " + ", ".join(MODELS))
-            print("algorithms: " + ", ".join(ALGORITHMS) + f" (planned: {', '.join(PLANNED)})")
+            print("algorithms: " + ", ".join(ALGORITHMS) + (f" (planned: {', '.join(PLANNED)})" if PLANNED else ""))
             print("backends:   " + ", ".join(BACKENDS))
             print("datasets:   " + ", ".join(DATASETS))
             return 0
