@@ -301,3 +301,20 @@ def test_job_unstructured_baseline_keeps_the_pai_masks(tmp_path):
     total = sum(r["params"] for r in scored)
     assert nonzero <= keep_count(total, 0.9)  # pruned weights stayed zero through training
     assert nonzero >= keep_count(total, 0.9) - 5  # (a kept weight may be exactly zero only by chance)
+
+
+def test_narrow_model_is_reinitialised_or_keeps_the_sliced_init():
+    from prunekit.models import init_state
+
+    torch_backend = pytest.importorskip("backends.torch")
+    h = _handle(torch_backend, "resnet20")
+    original = h.state_numpy()
+    kept = PreCropPruner(score="synflow", sparsity=0.8, rounds=1, reinit=False)
+    narrow = kept.prepare(h, torch_backend)
+    keep = kept.channel_keep["layer2.0.conv1"]
+    state = narrow.state_numpy()
+    assert np.array_equal(state["layer2.0.conv1.weight"], original["layer2.0.conv1.weight"][keep])
+    assert np.array_equal(state["layer2.0.conv2.weight"], original["layer2.0.conv2.weight"][:, keep])
+    fresh = PreCropPruner(score="synflow", sparsity=0.8, rounds=1).prepare(h, torch_backend, seed=0)
+    expected = init_state(fresh.state_shapes(), 0)
+    assert all(np.array_equal(v, expected[k]) for k, v in fresh.state_numpy().items())
