@@ -124,6 +124,9 @@ def save_checkpoint(out: str, state: dict) -> str:
     arrays[_TREE] = np.array(json.dumps(tree))
     final = os.path.join(folder, FILENAME)
     tmp = os.path.join(folder, f".{FILENAME}.tmp-{os.getpid()}")
+    for name in os.listdir(folder):  # left by a process killed while writing (never a valid checkpoint)
+        if name.startswith((f".{FILENAME}.tmp-", f".{PREVIOUS}.tmp-")):
+            os.remove(os.path.join(folder, name))
     try:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)

@@ -94,12 +94,15 @@ def test_torch_rpg_killed_while_writing_a_checkpoint_resumes_from_the_last_good_
     out = tmp_path / "run"
     # the 5th checkpoint (after step 12) dies between writing its temporary file and the rename
     assert _killed(_prunekit(args, out, kill_in_checkpoint=5), out) == 9
+    stale = [n for n in os.listdir(out / "checkpoint") if ".tmp-" in n]
+    assert len(stale) == 1  # the half-done write, never renamed into place
     state = ckpt.read_checkpoint(ckpt.checkpoint_path(str(out)))
     # RPG's state crosses the checkpoint: regrowth scores gathered for the next mask update, ranks
     assert state["algorithm"]["dense_scores"] and state["algorithm"]["ranks"]
     _finished(_prunekit(args, out, resume=True))
     _, report = _assert_same_run(ref, out)
     assert report["ranks"] and report["run"]["resumed_at_steps"] == [9]
+    assert sorted(os.listdir(out / "checkpoint")) == ["previous.npz", "state.npz"]  # the stale file is gone
 
 
 def test_mindspore_magnitude_killed_resumes_to_the_same_result(tmp_path):
