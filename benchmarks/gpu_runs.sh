@@ -13,12 +13,12 @@ py=${PYTHON:-python3}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1} \
        MKL_NUM_THREADS=${MKL_NUM_THREADS:-1} TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-1}
 mkdir -p runs/gpu
-launch() {  # name, args...; torch.compile first, eager from the last checkpoint if compiling fails
+launch() {  # name, args...; with COMPILE=1: torch.compile first, eager from the last checkpoint if that fails
     local name=$1; shift
     mkdir -p runs/gpu/$name
-    setsid nohup bash -c "$py benchmarks/gpu_cifar.py --compile $* --data-root $root --out runs/gpu/$name \
-        || $py benchmarks/gpu_cifar.py $* --data-root $root --out runs/gpu/$name" \
-        >runs/gpu/$name/log.txt 2>&1 < /dev/null &
+    local cmd="$py benchmarks/gpu_cifar.py $* --data-root $root --out runs/gpu/$name"
+    if [ "${COMPILE:-0}" = 1 ]; then cmd="$py benchmarks/gpu_cifar.py --compile $* --data-root $root --out runs/gpu/$name || $cmd"; fi
+    setsid nohup bash -c "$cmd" >runs/gpu/$name/log.txt 2>&1 < /dev/null &
 }
 launch trp       --algorithm trp --epochs $e_trp --lr-schedule step --wd 1e-4
 launch mag95     --algorithm magnitude --sparsity 0.95 --epochs $e_sparse
