@@ -97,6 +97,8 @@ def probe_channels(handle, perturb: Dict[Optional[str], Tuple[int, np.ndarray]],
         model.set_train(was_training)
         if graph:
             ms.set_context(mode=ms.GRAPH_MODE)
+    if isinstance(y, (tuple, list)) and y and isinstance(y[0], ms.Tensor):
+        y = y[0]  # (logits, auxiliary outputs...): the logits come first
     if isinstance(y, ms.Tensor):
         seen[OUTPUT] = _changed(y)
     return seen

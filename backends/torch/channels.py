@@ -94,6 +94,8 @@ def probe_channels(handle, perturb: Dict[Optional[str], Tuple[int, np.ndarray]],
             else:
                 m.forward = own
         model.train(was_training)
+    if isinstance(y, (tuple, list)) and y and isinstance(y[0], torch.Tensor):
+        y = y[0]  # (logits, auxiliary outputs...): the logits come first
     if isinstance(y, torch.Tensor):
         seen[OUTPUT] = _changed(y)
     return seen
