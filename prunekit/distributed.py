@@ -98,8 +98,7 @@ def launcher_world_size(backend_name: str, env=None) -> int:
 
 
 LAUNCHERS = {"torch": "torchrun --nproc_per_node=N -m prunekit run ...",
-             "mindspore": "msrun --worker_num=N --local_worker_num=N --join=True -m prunekit run ... "
-                          "(or a script calling prunekit.cli.main)"}
+             "mindspore": "msrun --worker_num=N --local_worker_num=N --join=True $(which prunekit) run ..."}
 
 
 def start_distributed(backend, requested: Optional[bool] = None, device: Optional[str] = None) -> Optional[Communicator]:

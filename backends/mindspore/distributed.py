@@ -1,7 +1,7 @@
 """Data-parallel pruning for MindSpore: data parallel under ``msrun`` (CPU, GPU or Ascend).
 
     msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --join=True \\
-        your_script.py            # which calls prunekit.cli.main(["run", "--backend", "mindspore", ...])
+        $(which prunekit) run --backend mindspore ...    # the console script (msrun has no -m)
 
 or in your own script, after :func:`init_distributed` (``mindspore.communication.init()`` and
 ``set_auto_parallel_context(parallel_mode=DATA_PARALLEL, gradients_mean=True)``)::
