@@ -9,14 +9,15 @@ device every step. The ``tracked`` method instead works per shape group on stack
   it solves exactly — the Gram matrix of the smaller side and its eigen-decomposition — and
   reads the spectrum to the host once, where the ranks are chosen by the algorithm's rule;
 * on the other calls it reuses that basis: the rank-k projection is ``U_k U_kᵀ M`` with the
-  stored ``U`` and ranks (two batched matmuls), and nothing is read back to the host.
+  stored ``U`` and ranks (two batched matmuls with only the columns in use), and nothing is
+  read back to the host.
 
 So ranks are those of the last exact solve (at most ``refresh_every - 1`` steps old), and the
 projection uses a subspace that far behind the weights. The tests bound the effect on real
 trained weights: the ranks equal full SVD's at the solve, and the best-rank-k approximation
 drifts by a stated relative amount over ``refresh_every`` training steps. A rank is applied to a
-whole stacked group at once through a column mask on the basis, so one group costs a fixed
-handful of batched operations whatever its number of layers.
+whole stacked group at once by zeroing each matrix's basis columns beyond its rank, so one
+group costs a fixed handful of batched operations whatever its number of layers.
 """
 from __future__ import annotations
 
@@ -36,11 +37,11 @@ class TrackedGroup:
     names: Tuple[str, ...]
     shape: Tuple[int, int]      # each matrix's shape, as the caller gave it
     transposed: bool            # True when the stack holds Mᵀ (the caller's m > n)
-    basis: Tensor = None        # (B, a, a) left singular vectors of the stacked side, descending
+    basis: Tensor = None        # (B, a, q) leading left singular vectors, columns beyond each rank zeroed
+    host_basis: np.ndarray = None  # (B, a, a) all of them, descending (host; for checkpoints)
     s: np.ndarray = None        # (B, a) singular values at the last solve (host, float64)
     energy: np.ndarray = None   # (B,) ‖M‖_F² at the last solve (host, float64)
     ranks: List[int] = field(default_factory=list)
-    column_mask: Tensor = None  # (B, 1, a): 1 for the first ranks[b] basis columns of matrix b
 
 
 #: per-method defaults when a config leaves ``refresh_every`` / ``solve_lag`` unset
@@ -157,11 +158,13 @@ class BasisTracker:
         basis, s, ranks = solved
         self.exact_solves += 1
         self._fresh = True
-        group.basis = ops.asarray(basis, like=like)
+        group.host_basis = basis
         group.s, group.energy, group.ranks = s, np.asarray(energy, np.float64), list(ranks)
-        a = s.shape[1]
-        mask = (np.arange(a)[None, :] < np.asarray(ranks)[:, None]).astype(np.float32)
-        group.column_mask = ops.asarray(mask.reshape(len(ranks), 1, a), like=like)
+        # only the columns some matrix of the group uses travel, each matrix's beyond its rank zeroed:
+        # a per-layer rank becomes a fixed-shape batched matmul, q/a of the full basis's cost
+        q = max(1, max(ranks, default=0))
+        mask = (np.arange(q)[None, :] < np.asarray(ranks)[:, None]).astype(np.float32)
+        group.basis = ops.asarray(basis[:, :, :q] * mask[:, None, :], like=like)
         return group
 
     def _queue(self, install_at: int, grams: Dict, choose_rank) -> None:
@@ -187,9 +190,9 @@ class BasisTracker:
         return dict(zip(group.names, ops.unstack(x)))
 
     def coefficients(self, group: TrackedGroup, stack: Tensor) -> Tensor:
-        """Uₖᵀ M per matrix, rows beyond each rank zeroed: (B, a, b)."""
+        """Uₖᵀ M per matrix, rows beyond each rank zeroed: (B, q, b)."""
         ops = self.ops
-        return ops.matmul(ops.swap_last(group.basis * group.column_mask), stack)
+        return ops.matmul(ops.swap_last(group.basis), stack)
 
     def project(self, group: TrackedGroup, stack: Tensor) -> Tensor:
         """The rank-k projection U_k U_kᵀ M of every matrix in the stack."""
@@ -205,7 +208,7 @@ class BasisTracker:
                       "grams": [{"shape": list(k[0]), "names": list(k[1]), "gram": g, "energy": e}
                                 for k, (g, e) in grams.items()]}
         return {"calls": int(self.calls), "exact_solves": int(self.exact_solves), "queued": queued,
-                "groups": [{"names": list(g.names), "shape": list(g.shape), "basis": np.asarray(self.ops.to_numpy(g.basis)),
+                "groups": [{"names": list(g.names), "shape": list(g.shape), "basis": g.host_basis,
                             "s": g.s, "energy": g.energy, "ranks": list(g.ranks)} for g in self.groups.values()]}
 
     def load_state_dict(self, state: dict, choose_rank, like: Tensor | None = None) -> None:
