@@ -228,6 +228,24 @@ class BasisTracker:
             self._queue(int(q["install_at"]), grams, choose_rank)
 
 
+def save_rank_machinery(algorithm, state: dict) -> dict:
+    """Add an RPG/TRP algorithm's spectrum engine and basis tracker state to ``state``."""
+    state["engine"] = algorithm.engine.state_dict()
+    if algorithm.tracker is not None:
+        state["tracker"] = algorithm.tracker.state_dict()
+    return state
+
+
+def load_rank_machinery(algorithm, state: dict) -> None:
+    """Restore :func:`save_rank_machinery`'s entries (device tensors beside the first layer's
+    weight when the rank work runs on the device); ranks are re-chosen by ``algorithm.rank_rule``."""
+    like = algorithm.handle.weight(algorithm.layers[0].name) if algorithm.rank_ops is algorithm.ops else None
+    if "engine" in state:
+        algorithm.engine.load_state_dict(state["engine"], like=like)
+    if algorithm.tracker is not None and "tracker" in state:
+        algorithm.tracker.load_state_dict(state["tracker"], algorithm.rank_rule, like=like)
+
+
 def batch_scalars(ops: Ops, x: Tensor) -> Tensor:
     """Σ x² over each matrix of a stack, shaped (B, 1, 1) for broadcasting."""
     return ops.sum(x * x, axis=(1, 2), keepdims=True)

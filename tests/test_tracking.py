@@ -169,3 +169,45 @@ def test_auto_spectrum_is_tracked_on_accelerators_and_gram_on_cpus(backend):
     # this machine has no accelerator: the default config resolves to the gram path on both backends
     rpg = RPGPruner(RPGConfig(sparsity=0.5)).bind(backend.model_handle("resnet20", seed=0), 10)
     assert rpg.spectrum == "gram" and rpg.tracker is None
+
+
+@pytest.mark.parametrize("algo", ["rpg", "trp"])
+def test_tracked_state_survives_a_checkpoint_mid_refresh(trained_state, algo):
+    """Stop between a queued solve and its install, restore into fresh objects, continue: the
+    same ranks and terms as the uninterrupted run (the queued solve is part of the state)."""
+    from prunekit.backend import get_backend
+    backend = get_backend("torch")
+
+    def make():
+        c = dict(spectrum="tracked", refresh_every=4, solve_lag=2)
+        return (RPGPruner(RPGConfig(sparsity=0.9, **c)) if algo == "rpg" else TRPPruner(TRPConfig(**c)))
+
+    def nudge(a, step):  # weights drift between steps, as training would move them
+        for l in a.layers:
+            w = a.handle.state_numpy()[l.weight_name]
+            noise = np.random.default_rng(step).standard_normal(w.shape).astype(np.float32) * 1e-2
+            a.handle.set_weight(l.name, a.ops.asarray(w + noise * np.abs(w).mean()))
+
+    def run(a, steps):
+        out = None
+        for t in steps:
+            a.before_step(t)
+            out = {n: a.ops.to_numpy(g) for n, g in (a._pending or {}).items()}
+            nudge(a, t)
+        return out
+
+    ref = bound(make(), backend, trained_state)
+    first = bound(make(), backend, trained_state)
+    expected = run(ref, range(0, 7))
+    run(first, range(0, 5))  # call 4 queued a solve that installs at call 6
+    saved = first.state_dict()
+    assert saved["tracker"]["queued"]["install_at"] == 6
+    restored = make().bind(trained_handle(backend, trained_state), 1000)
+    restored.handle.load_state_numpy(first.handle.state_numpy())
+    restored.load_state_dict(saved)
+    got = run(restored, range(5, 7))
+    groups = len(ref.tracker.groups)
+    assert restored.ranks == ref.ranks and restored.tracker.exact_solves == ref.tracker.exact_solves == 2 * groups
+    assert set(got) == set(expected)
+    for n in expected:
+        np.testing.assert_array_equal(got[n], expected[n], err_msg=n)

@@ -43,7 +43,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..lowrank import METHODS, SpectrumEngine, from_rank_ops, matrix_view, rank_ops, to_rank_ops
 from ..schedules import SparsitySchedule
-from ..tracking import BasisTracker, resolve_spectrum, batch_scalars, positive
+from ..tracking import BasisTracker, load_rank_machinery, resolve_spectrum, save_rank_machinery, batch_scalars, positive
 from ..selection import check_sparsity, residual_rank, topk_mask
 from .base import Algorithm, tensors_from_numpy, tensors_to_numpy
 from .magnitude import magnitude_masks
@@ -212,12 +212,12 @@ class RPGPruner(Algorithm):
         """The same gradient, per shape group on stacked matrices, with the bases and ranks of the
         last exact solve (:mod:`prunekit.tracking`): no host read-back between solves. With an
         orthonormal basis Ŵ is an orthogonal projection of Mn, so ⟨Mn, R⟩ = ‖R‖² still holds."""
-        ops, tracker, pk = self.rank_ops, self.tracker, self.config.partial_k
+        ops, tracker = self.rank_ops, self.tracker
         mats = {l.name: matrix_view(ops, to_rank_ops(self, self.handle.weight(l.name))) for l in self.conv_layers}
         shapes = {l.name: l.weight_shape for l in self.conv_layers}
         factor = 2.0 * scale / max(1, len(mats))
         out, loss = {}, 0.0
-        for group, stack in tracker.stacks(mats, lambda s, e: residual_rank(s, pk, e)):
+        for group, stack in tracker.stacks(mats, self.rank_rule):
             energy = batch_scalars(ops, stack)
             inv = positive(ops, energy) / ops.sqrt(ops.clip(energy, 1e-30, None))  # 1/‖M‖, 0 for M = 0
             mn = stack * inv
@@ -279,6 +279,10 @@ class RPGPruner(Algorithm):
         return {"target_sparsity": c.sparsity, "partial_k": c.partial_k, "lam": c.lam, "semantics": c.semantics,
                 "rank_every": c.rank_every, "spectrum": getattr(self, "spectrum", c.spectrum), "rank_loss": self.rank_loss}
 
+    def rank_rule(self, s, total_energy: float) -> int:
+        """This algorithm's rank rule on a spectrum (the tracked path's solves use it)."""
+        return residual_rank(s, self.config.partial_k, total_energy)
+
     def state_dict(self) -> dict:
         d = super().state_dict()
         d["ranks"] = {n: int(k) for n, k in self.ranks.items()}
@@ -287,10 +291,7 @@ class RPGPruner(Algorithm):
         # regrowth scores gathered in the step before a mask update, used by the next step
         d["dense_scores"] = tensors_to_numpy(self.ops, self._dense_scores)
         d["pending"] = tensors_to_numpy(self.ops, self._pending)
-        d["engine"] = self.engine.state_dict()
-        if self.tracker is not None:
-            d["tracker"] = self.tracker.state_dict()
-        return d
+        return save_rank_machinery(self, d)
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
@@ -299,9 +300,4 @@ class RPGPruner(Algorithm):
         self.rank_loss = state.get("rank_loss")
         self._dense_scores = tensors_from_numpy(self.ops, state.get("dense_scores") or {}, self.handle.weight)
         self._pending = tensors_from_numpy(self.ops, state.get("pending"), self.handle.weight)
-        if "engine" in state:
-            like = self.handle.weight(self.layers[0].name) if self.rank_ops is self.ops else None
-            self.engine.load_state_dict(state["engine"], like=like)
-        if self.tracker is not None and "tracker" in state:
-            like = self.handle.weight(self.layers[0].name) if self.rank_ops is self.ops else None
-            self.tracker.load_state_dict(state["tracker"], lambda s, e: residual_rank(s, self.config.partial_k, e), like=like)
+        load_rank_machinery(self, state)

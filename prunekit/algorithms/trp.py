@@ -32,7 +32,7 @@ from ..errors import ConfigError
 from ..lowrank import METHODS, SCHEMES, SpectrumEngine, from_matrix_view, from_rank_ops, matrix_view, rank_ops, to_rank_ops
 from .rpg import RANK_ON
 from ..selection import energy_rank, value_rank
-from ..tracking import BasisTracker, resolve_spectrum, positive
+from ..tracking import BasisTracker, load_rank_machinery, resolve_spectrum, save_rank_machinery, positive
 from .base import Algorithm, tensors_from_numpy, tensors_to_numpy
 
 
@@ -139,7 +139,7 @@ class TRPPruner(Algorithm):
         mats = {l.name: matrix_view(ops, to_rank_ops(self, self.handle.weight(l.name)), c.scheme) for l in self.layers}
         shapes = {l.name: l.weight_shape for l in self.layers}
         projected, pending = {}, {}
-        for group, stack in tracker.stacks(mats, lambda s, e: energy_rank(s, c.energy, e)):
+        for group, stack in tracker.stacks(mats, self.rank_rule):
             coef = tracker.coefficients(group, stack)  # U_rᵀ M, rows beyond r zero
             full = min(group.shape)
             truncated = tracker.unstack(group, ops.matmul(group.basis, coef))
@@ -183,25 +183,21 @@ class TRPPruner(Algorithm):
         c = self.config
         return {"energy": c.energy, "lam": c.lam, "every": c.every, "scheme": c.scheme, "spectrum": getattr(self, "spectrum", c.spectrum)}
 
+    def rank_rule(self, s, total_energy: float) -> int:
+        """This algorithm's rank rule on a spectrum (the tracked path's solves use it)."""
+        return energy_rank(s, self.config.energy, total_energy)
+
     def state_dict(self) -> dict:
         d = super().state_dict()
         d["ranks"] = {n: int(k) for n, k in self.ranks.items()}
         d["pending"] = tensors_to_numpy(self.ops, self._pending)
-        d["engine"] = self.engine.state_dict()
-        if self.tracker is not None:
-            d["tracker"] = self.tracker.state_dict()
-        return d
+        return save_rank_machinery(self, d)
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.ranks = {n: int(k) for n, k in state.get("ranks", {}).items()}
         self._pending = tensors_from_numpy(self.ops, state.get("pending"), self.handle.weight)
-        if "engine" in state:
-            like = self.handle.weight(self.layers[0].name) if self.rank_ops is self.ops else None
-            self.engine.load_state_dict(state["engine"], like=like)
-        if self.tracker is not None and "tracker" in state:
-            like = self.handle.weight(self.layers[0].name) if self.rank_ops is self.ops else None
-            self.tracker.load_state_dict(state["tracker"], lambda s, e: energy_rank(s, self.config.energy, e), like=like)
+        load_rank_machinery(self, state)
 
 
 # ---------------------------------------------------------------------------------- decomposition
