@@ -106,3 +106,15 @@ def test_set_weights_writes_every_layer_in_one_call():
     h.set_weights({names[0]: h.ops.asarray(values[names[1]][:0].sum() + values[names[0]] * 2, dtype="float64")})
     np.testing.assert_allclose(h.ops.to_numpy(h.weight(names[0])), values[names[0]] * 2, rtol=1e-6)
     assert h.ops.dtype(h.weight(names[0])) == "float32"
+
+
+def test_numpy_blas_runs_one_thread_beside_mindspore_on_cpu():
+    """NumPy's OpenBLAS threads would compete with MindSpore's (see backends/mindspore/hostblas.py)."""
+    import os
+    from backends.mindspore.hostblas import host_blas_threads, limit_host_blas_threads
+    if host_blas_threads() is None:
+        pytest.skip("NumPy bundles no OpenBLAS here")
+    if "OPENBLAS_NUM_THREADS" not in os.environ and os.environ.get("PRUNEKIT_MS_HOST_BLAS_THREADS") is None:
+        assert host_blas_threads() == 1
+    assert limit_host_blas_threads(2) and host_blas_threads() in (1, 2)  # capped by the machine's cores
+    assert limit_host_blas_threads(1) and host_blas_threads() == 1

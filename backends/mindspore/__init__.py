@@ -11,6 +11,9 @@ On import, and only if the process has not chosen yet:
   convolution. oneDNN reads the variable at its first primitive, so it only helps if set before
   the first convolution of the process; it then applies to every library in the process using
   oneDNN (PyTorch's CPU kernels included; its ResNet-20 step time did not change measurably).
+* on CPU, NumPy's OpenBLAS (the host rank machinery's) is set to one thread unless
+  ``OPENBLAS_NUM_THREADS`` is set or ``PRUNEKIT_MS_HOST_BLAS_THREADS`` names another count
+  ("default" leaves it alone): see :mod:`backends.mindspore.hostblas`.
 
 The execution mode is left as it is (MindSpore's default is PyNative, which the driver needs).
 """
@@ -38,6 +41,11 @@ def _configure() -> None:
         isa = os.environ.get("PRUNEKIT_MS_ONEDNN_ISA", "AVX2")
         if isa.lower() != "default":
             os.environ["ONEDNN_MAX_CPU_ISA"] = isa
+    if ms.get_context("device_target") == "CPU" and "OPENBLAS_NUM_THREADS" not in os.environ:
+        threads = os.environ.get("PRUNEKIT_MS_HOST_BLAS_THREADS", "1")
+        if threads.lower() != "default":  # NumPy's BLAS threads would compete with MindSpore's
+            from .hostblas import limit_host_blas_threads
+            limit_host_blas_threads(int(threads))
 
 
 _configure()
