@@ -228,6 +228,20 @@ class BasisTracker:
             self._queue(int(q["install_at"]), grams, choose_rank)
 
 
+def bind_rank_machinery(algorithm, config) -> None:
+    """Give an RPG/TRP algorithm its rank machinery from its config (``rank_on``, ``spectrum``,
+    ``refresh_every``, ``solve_lag``): ``rank_ops``, the resolved ``spectrum``, the
+    :class:`~prunekit.lowrank.SpectrumEngine` and, for ``tracked``, a :class:`BasisTracker`."""
+    from .lowrank import SpectrumEngine, rank_ops
+
+    algorithm.rank_ops = rank_ops(algorithm.ops, config.rank_on)
+    on_accelerator = algorithm.ops.on_accelerator(algorithm.handle.weight(algorithm.layers[0].name))
+    algorithm.spectrum, refresh, lag = resolve_spectrum(config.spectrum, config.refresh_every, config.solve_lag,
+                                                        on_accelerator)
+    algorithm.engine = SpectrumEngine(algorithm.rank_ops, algorithm.spectrum, refresh)
+    algorithm.tracker = BasisTracker(algorithm.rank_ops, refresh, lag) if algorithm.spectrum == "tracked" else None
+
+
 def save_rank_machinery(algorithm, state: dict) -> dict:
     """Add an RPG/TRP algorithm's spectrum engine and basis tracker state to ``state``."""
     state["engine"] = algorithm.engine.state_dict()

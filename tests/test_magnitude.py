@@ -1,7 +1,6 @@
 """Gradual magnitude pruning (prunekit/algorithms/magnitude.py) on the PyTorch backend: measured
 sparsity against the target, channel pruning, exclusions, the schedule seen during training,
 and configuration errors."""
-from decimal import ROUND_HALF_UP, Decimal
 
 import numpy as np
 import pytest
@@ -9,6 +8,7 @@ import pytest
 from prunekit.algorithms import PLANNED, make_algorithm
 from prunekit.algorithms.magnitude import MagnitudePruner
 from prunekit.errors import ConfigError
+from references import keep, ref_topk
 
 torch = pytest.importorskip("torch")
 from backends.torch import Trainer, model_handle  # noqa: E402
@@ -17,19 +17,6 @@ from backends.torch import Trainer, model_handle  # noqa: E402
 
 
 # ---------------------------------------------------------------- helpers (independent of prunekit)
-def keep(n, sparsity):
-    """round-half-up of n * (1 - sparsity), sparsity read as the decimal it prints as."""
-    return int((n * (1 - Decimal(repr(float(sparsity))))).quantize(Decimal(1), rounding=ROUND_HALF_UP))
-
-
-def ref_topk(scores, k):
-    flat = np.asarray(scores, np.float64).reshape(-1)
-    order = np.lexsort((np.arange(flat.size), -flat))
-    out = np.zeros(flat.size, bool)
-    out[order[:k]] = True
-    return out
-
-
 def mnist(seed=0):
     return model_handle("mnist_cnn", in_channels=1, image_size=28, seed=seed)
 

@@ -6,7 +6,6 @@ Expectations are computed here in float64 (NumPy SVD, torch autograd on float64 
 weights) from ALGORITHMS.md §1, never read from prunekit's output.
 """
 import math
-from decimal import ROUND_HALF_UP, Decimal
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from prunekit.algorithms import make_algorithm
 from prunekit.algorithms.rpg import RPGConfig, RPGPruner
 from prunekit.errors import ConfigError
+from references import keep, ref_topk
 
 torch = pytest.importorskip("torch")
 
@@ -51,18 +51,6 @@ def trained_handle(backend, state):
 
 
 # ---------------------------------------------------------------- references (float64)
-def keep(n, sparsity):
-    return int((n * (1 - Decimal(repr(float(sparsity))))).quantize(Decimal(1), rounding=ROUND_HALF_UP))
-
-
-def ref_topk(scores, k):
-    flat = np.asarray(scores, np.float64).reshape(-1)
-    order = np.lexsort((np.arange(flat.size), -flat))
-    out = np.zeros(flat.size, bool)
-    out[order[:k]] = True
-    return out.reshape(np.shape(scores))
-
-
 def ref_residual_rank(s, partial_k):
     e = np.asarray(s, np.float64) ** 2
     dists = [abs(e[k:].sum() / e.sum() - partial_k) for k in range(len(e) + 1)]

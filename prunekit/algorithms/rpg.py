@@ -41,9 +41,9 @@ from typing import Dict, Optional
 import numpy as np
 
 from ..errors import ConfigError
-from ..lowrank import METHODS, SpectrumEngine, from_rank_ops, matrix_view, rank_ops, to_rank_ops
+from ..lowrank import METHODS, from_rank_ops, matrix_view, to_rank_ops
 from ..schedules import SparsitySchedule
-from ..tracking import BasisTracker, load_rank_machinery, resolve_spectrum, save_rank_machinery, batch_scalars, positive
+from ..tracking import batch_scalars, bind_rank_machinery, load_rank_machinery, positive, save_rank_machinery
 from ..selection import check_sparsity, residual_rank, topk_mask
 from .base import Algorithm, tensors_from_numpy, tensors_to_numpy
 from .magnitude import magnitude_masks
@@ -115,11 +115,7 @@ class RPGPruner(Algorithm):
         self.conv_layers = [l for l in self.layers if l.kind == "conv"]
         self.t_end = max(0, int(math.floor(c.end_fraction * max(0, self.total_steps - 1))))
         self.schedule = SparsitySchedule(c.sparsity, 0, self.t_end, c.frequency, "exponential")
-        self.rank_ops = rank_ops(self.ops, c.rank_on)
-        on_accelerator = self.ops.on_accelerator(self.handle.weight(self.layers[0].name))
-        self.spectrum, refresh, lag = resolve_spectrum(c.spectrum, c.refresh_every, c.solve_lag, on_accelerator)
-        self.engine = SpectrumEngine(self.rank_ops, self.spectrum, refresh)
-        self.tracker = BasisTracker(self.rank_ops, refresh, lag) if self.spectrum == "tracked" else None
+        bind_rank_machinery(self, c)
         return self
 
     # ------------------------------------------------------------------ schedule

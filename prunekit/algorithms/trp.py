@@ -29,10 +29,10 @@ from typing import Dict, Optional
 import numpy as np
 
 from ..errors import ConfigError
-from ..lowrank import METHODS, SCHEMES, SpectrumEngine, from_matrix_view, from_rank_ops, matrix_view, rank_ops, to_rank_ops
+from ..lowrank import METHODS, SCHEMES, from_matrix_view, from_rank_ops, matrix_view, to_rank_ops
 from .rpg import RANK_ON
 from ..selection import energy_rank, value_rank
-from ..tracking import BasisTracker, load_rank_machinery, resolve_spectrum, save_rank_machinery, positive
+from ..tracking import bind_rank_machinery, load_rank_machinery, positive, save_rank_machinery
 from .base import Algorithm, tensors_from_numpy, tensors_to_numpy
 
 
@@ -85,11 +85,7 @@ class TRPPruner(Algorithm):
     def bind(self, handle, total_steps):
         super().bind(handle, total_steps)
         c = self.config
-        self.rank_ops = rank_ops(self.ops, c.rank_on)
-        on_accelerator = self.ops.on_accelerator(self.handle.weight(self.layers[0].name))
-        self.spectrum, refresh, lag = resolve_spectrum(c.spectrum, c.refresh_every, c.solve_lag, on_accelerator)
-        self.engine = SpectrumEngine(self.rank_ops, self.spectrum, refresh)
-        self.tracker = BasisTracker(self.rank_ops, refresh, lag) if self.spectrum == "tracked" else None
+        bind_rank_machinery(self, c)
         return self
 
     def before_step(self, step: int) -> None:
