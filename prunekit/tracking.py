@@ -36,17 +36,38 @@ class TrackedGroup:
 
     names: Tuple[str, ...]
     shape: Tuple[int, int]      # each matrix's shape, as the caller gave it
-    transposed: bool            # True when the stack holds Mᵀ (the caller's m > n)
     basis: Tensor = None        # (B, a, q) leading left singular vectors, columns beyond each rank zeroed
     host_basis: np.ndarray = None  # (B, a, a) all of them, descending (host; for checkpoints)
     s: np.ndarray = None        # (B, a) singular values at the last solve (host, float64)
     energy: np.ndarray = None   # (B,) ‖M‖_F² at the last solve (host, float64)
     ranks: List[int] = field(default_factory=list)
 
+    @property
+    def transposed(self) -> bool:
+        """True when the stack holds Mᵀ (the caller's m > n)."""
+        return self.shape[0] > self.shape[1]
+
 
 #: per-method defaults when a config leaves ``refresh_every`` / ``solve_lag`` unset
 DEFAULT_REFRESH = {"subspace": 50, "tracked": 10}
 ACCELERATOR_SOLVE_LAG = 8
+RANK_ON = ("auto", "device", "host")
+
+
+def check_rank_settings(config) -> None:
+    """Validate the rank-machinery settings RPG's and TRP's configs share: ``spectrum``,
+    ``rank_on``, ``refresh_every`` and ``solve_lag``."""
+    from .lowrank import METHODS
+
+    if config.spectrum not in METHODS:
+        raise ConfigError(f"unknown spectrum method {config.spectrum!r}; expected one of {', '.join(METHODS)}")
+    if config.rank_on not in RANK_ON:
+        raise ConfigError(f"unknown rank_on {config.rank_on!r}; expected one of {', '.join(RANK_ON)}")
+    refresh, lag = config.refresh_every, config.solve_lag
+    if refresh is not None and (not isinstance(refresh, int) or refresh < 1):
+        raise ConfigError(f"refresh_every must be a positive integer, got {refresh!r}")
+    if lag is not None and (not isinstance(lag, int) or lag < 0 or lag >= (refresh or DEFAULT_REFRESH["tracked"])):
+        raise ConfigError(f"solve_lag must be an integer in [0, refresh_every), got {lag!r}")
 
 
 def resolve_spectrum(spectrum: str, refresh_every, solve_lag, on_accelerator: bool) -> Tuple[str, int, int]:
@@ -136,7 +157,7 @@ class BasisTracker:
             group = self.groups.get(key)
             if group is None or (due and self.lag == 0):
                 gram, energy = self._gram(stack)
-                group = self._install(TrackedGroup(tuple(names), shape, shape[0] > shape[1]),
+                group = self._install(TrackedGroup(tuple(names), shape),
                                       host_solve(gram, energy, choose_rank), energy, like=stack)
                 self.groups[key] = group
             elif due:
@@ -216,7 +237,7 @@ class BasisTracker:
         self.groups, self._queued = {}, None
         for d in state.get("groups", []):
             shape = tuple(int(v) for v in d["shape"])
-            g = TrackedGroup(tuple(d["names"]), shape, shape[0] > shape[1])
+            g = TrackedGroup(tuple(d["names"]), shape)
             self._install(g, (np.asarray(d["basis"], np.float32), np.asarray(d["s"], np.float64),
                               [int(r) for r in d["ranks"]]), d["energy"], like=like)
             self.groups[(shape, g.names)] = g

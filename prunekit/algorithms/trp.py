@@ -29,10 +29,9 @@ from typing import Dict, Optional
 import numpy as np
 
 from ..errors import ConfigError
-from ..lowrank import METHODS, SCHEMES, from_matrix_view, from_rank_ops, matrix_view, to_rank_ops
-from .rpg import RANK_ON
+from ..lowrank import SCHEMES, from_matrix_view, from_rank_ops, matrix_view, to_rank_ops
 from ..selection import energy_rank, value_rank
-from ..tracking import bind_rank_machinery, load_rank_machinery, positive, save_rank_machinery
+from ..tracking import bind_rank_machinery, check_rank_settings, load_rank_machinery, positive, save_rank_machinery
 from .base import Algorithm, tensors_from_numpy, tensors_to_numpy
 
 
@@ -49,13 +48,7 @@ class TRPConfig:
     rank_on: str = "auto"  # "device", "host" (NumPy), or "auto": the backend's preference
 
     def __post_init__(self):
-        if self.rank_on not in RANK_ON:
-            raise ConfigError(f"unknown rank_on {self.rank_on!r}; expected one of {', '.join(RANK_ON)}")
-        if self.refresh_every is not None and (not isinstance(self.refresh_every, int) or self.refresh_every < 1):
-            raise ConfigError(f"refresh_every must be a positive integer, got {self.refresh_every!r}")
-        if self.solve_lag is not None and (not isinstance(self.solve_lag, int) or self.solve_lag < 0
-                                           or self.solve_lag >= (self.refresh_every or 10)):
-            raise ConfigError(f"solve_lag must be an integer in [0, refresh_every), got {self.solve_lag!r}")
+        check_rank_settings(self)
         if not (0.0 < self.energy <= 1.0):
             raise ConfigError(f"energy must be in (0, 1], got {self.energy!r}")
         if not (self.lam >= 0.0 and math.isfinite(self.lam)):
@@ -64,8 +57,6 @@ class TRPConfig:
             raise ConfigError(f"every must be >= 1, got {self.every!r}")
         if self.scheme not in SCHEMES:
             raise ConfigError(f"unknown TRP scheme {self.scheme!r}; expected one of {', '.join(SCHEMES)}")
-        if self.spectrum not in METHODS:
-            raise ConfigError(f"unknown spectrum method {self.spectrum!r}; expected one of {', '.join(METHODS)}")
 
 
 class TRPPruner(Algorithm):
