@@ -51,6 +51,7 @@ import numpy as np
 from ..channel_flops import ChannelFlops
 from ..errors import ConfigError, ModelError, PlanError
 from ..plan import PruningPlan
+from ..selection import top_channels
 from ..layers import signature
 from .base import Algorithm
 
@@ -184,13 +185,6 @@ def final_counts(model: ChannelFlops, alpha: np.ndarray, budget: float, searchab
     return counts
 
 
-def top_channels(b: np.ndarray, k: int) -> np.ndarray:
-    """The ``k`` most important channels (score descending, index ascending), sorted by index."""
-    b = np.asarray(b, dtype=np.float64)
-    order = np.lexsort((np.arange(b.size), -b))
-    return np.sort(order[:int(k)])
-
-
 def group_importance(state: Dict[str, np.ndarray], norms: Sequence[str]) -> np.ndarray:
     """``mean over the group's BNs of |γ|`` (float64)."""
     gammas = []
@@ -313,8 +307,12 @@ class DSAPruner(Algorithm):
 
     def importance(self) -> Dict[str, np.ndarray]:
         """``b`` per searchable group, from the model's current BN scales."""
-        state = self.handle.state_numpy()
-        return {self.groups[i].name: group_importance(state, self.groups[i].norms) for i in self._group_indices()}
+        # only the BN scales, read each step: not the whole model state
+        params, ops = self.handle.parameters_by_name(), self.ops
+        idx = self._group_indices()
+        scales = {key: ops.to_numpy(params[key]) for i in idx for key in (f"{bn}.weight" for bn in self.groups[i].norms)
+                  if key in params}
+        return {self.groups[i].name: group_importance(scales, self.groups[i].norms) for i in idx}
 
     def probabilities(self, b: Dict[str, np.ndarray]) -> Dict[str, Tuple[np.ndarray, np.ndarray, float]]:
         """Per group ``(p, s′, log β₁)`` at the current ratios."""
