@@ -47,6 +47,11 @@ def count_layer(layer: LayerInfo, weight: np.ndarray) -> LayerCount:
                       int(w.size) * macs, nonzero * macs, kept)
 
 
+def count_handle(handle) -> dict:
+    """:func:`count_model` of a model handle: its layers, prunable weights and whole state."""
+    return count_model(handle.layers, handle.weights_numpy(), handle.state_numpy())
+
+
 def count_model(layers: List[LayerInfo], weights: Dict[str, np.ndarray], state: Dict[str, np.ndarray]) -> dict:
     """Per-layer counts and totals. ``state`` (all parameters) gives the whole-model parameter count."""
     per_layer = [count_layer(l, weights[l.name]) for l in layers]

@@ -36,6 +36,7 @@ from .errors import ConfigError
 from .models import check_model_name
 from .plots import write_run_plots
 from .progress import RunProgress
+from .flops import count_handle
 from .report import build_report, format_report, save_report
 from .selection import check_sparsity
 
@@ -297,14 +298,12 @@ def _compact(backend, handle, channel_keep, echo):
     """Channel pruning's last step: the narrower dense model and the report section, with
     parameters and MACs of both models measured from their layers."""
     from .channels import find_channel_groups
-    from .flops import count_model
 
-    before = count_model(handle.layers, handle.weights_numpy(), handle.state_numpy())
+    before = count_handle(handle)
     groups = {g.name: g.size for g in find_channel_groups(handle)}
     new_handle = backend.compact(handle, channel_keep)
-    after = count_model(new_handle.layers, new_handle.weights_numpy(), new_handle.state_numpy())
-    section = {"params_before": before["total_params"], "params_after": after["total_params"],
-               "macs_before": before["dense_macs"], "macs_after": after["dense_macs"],
+    after = count_handle(new_handle)
+    section = {**_sizes(before, after),
                "macs_kept_fraction": after["dense_macs"] / max(1, before["dense_macs"]),
                "groups": {k: {"size": groups[k], "kept": len(v), "kept_channels": [int(i) for i in v]}
                           for k, v in channel_keep.items()}}
@@ -327,6 +326,12 @@ def _start_data_parallel(cfg: RunConfig, echo):
     return cfg, echo, comm
 
 
+def _sizes(before: dict, after: dict) -> dict:
+    """Parameters and MACs of a model before and after a transformation, from their counts."""
+    return {"params_before": before["total_params"], "params_after": after["total_params"],
+            "macs_before": before["dense_macs"], "macs_after": after["dense_macs"]}
+
+
 def _silent(*args, **kwargs) -> None:
     pass
 
@@ -334,21 +339,17 @@ def _silent(*args, **kwargs) -> None:
 def _prune_at_init(backend, handle, algorithm, ds, cfg: RunConfig, echo):
     """Score the untrained model (training batches, no augmentation, for data-driven scores) and
     return the model to train and the report section: parameters and MACs of both models, measured."""
-    from .flops import count_model
-
     count = getattr(algorithm.config, "batches", 1)
     data = datasets.batches(ds.x_train, ds.y_train, cfg.batch_size, seed=cfg.seed, epoch=0, augment=False,
                             mean=ds.mean, std=ds.std)
     batches = [b for _, b in zip(range(count), data)]
-    before = count_model(handle.layers, handle.weights_numpy(), handle.state_numpy())
+    before = count_handle(handle)
     t0 = time.perf_counter()
     model = algorithm.prepare(handle, backend, batches, seed=cfg.seed)
     seconds = time.perf_counter() - t0
-    after = count_model(model.layers, model.weights_numpy(), model.state_numpy())
-    section = {"at_initialization": {**algorithm.describe(), "seconds": round(seconds, 2),
-                                     "params_before": before["total_params"], "params_after": after["total_params"],
+    after = count_handle(model)
+    section = {"at_initialization": {**algorithm.describe(), "seconds": round(seconds, 2), **_sizes(before, after),
                                      "nonzero_after": after["total_nonzero"],
-                                     "macs_before": before["dense_macs"], "macs_after": after["dense_macs"],
                                      "effective_macs_after": after["effective_macs"]}}
     echo(f"{cfg.algorithm} at initialization ({seconds:.1f} s): {before['total_params']} -> {after['total_params']} "
          f"parameters, {before['dense_macs']} -> {after['dense_macs']} MACs")
@@ -384,19 +385,17 @@ def _identity(cfg: RunConfig) -> dict:
 def _decompose(backend, handle, algorithm, cfg: RunConfig):
     """TRP's final step: split each trained low-rank conv into two convs; measure both models."""
     from .decompose import plan_decompositions
-    from .flops import count_model
 
-    before = count_model(handle.layers, handle.weights_numpy(), handle.state_numpy())
+    before = count_handle(handle)
     decompositions = plan_decompositions(handle, algorithm.config.scheme, threshold=cfg.decompose_threshold,
                                          layers=[l.name for l in algorithm.layers])
     new_handle = backend.apply_decompositions(handle, decompositions)
-    after = count_model(new_handle.layers, new_handle.weights_numpy(), new_handle.state_numpy())
+    after = count_handle(new_handle)
     summary = {
         "scheme": algorithm.config.scheme,
         "threshold": cfg.decompose_threshold,
         "ranks": {d.layer: d.rank for d in decompositions},
-        "params_before": before["total_params"], "params_after": after["total_params"],
-        "macs_before": before["dense_macs"], "macs_after": after["dense_macs"],
+        **_sizes(before, after),
         "flops_reduction": before["dense_macs"] / max(1, after["dense_macs"]),
     }
     return new_handle, {"decomposition": summary}

@@ -11,14 +11,14 @@ import json
 import os
 from typing import Dict, Optional
 
-from .flops import count_model
+from .flops import count_handle
 
 
 def build_report(handle, accuracy: Optional[Dict[str, float]] = None, run: Optional[dict] = None,
                  ranks: Optional[Dict[str, int]] = None, extra: Optional[dict] = None) -> dict:
     """A report of ``handle``'s model as it is now. ``ranks`` are the algorithm's per-layer ranks
     (measured by its last spectrum computation); ``extra`` adds sections (e.g. decomposition)."""
-    counts = count_model(handle.layers, handle.weights_numpy(), handle.state_numpy())
+    counts = count_handle(handle)
     layers = counts.pop("layers")
     rows = [c.to_dict() for c in layers]
     if ranks:

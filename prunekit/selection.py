@@ -144,3 +144,11 @@ def residual_rank(singular_values, partial_k: float, total_energy: float | None 
     best = dist.min()
     candidates = np.nonzero(dist <= best + RANK_TOLERANCE)[0]
     return int(candidates.max())
+
+
+def top_channels(scores, k: int) -> np.ndarray:
+    """Host-side tie rule on a score vector: the indices of the ``k`` largest scores (score
+    descending, index ascending), returned sorted ascending as int64 — kept channels."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    order = np.lexsort((np.arange(scores.size), -scores))
+    return np.sort(order[:int(k)]).astype(np.int64)

@@ -28,7 +28,7 @@ import mindspore.ops as msops
 
 from prunekit.errors import ModelError
 
-from .layers import write_
+from .layers import _BN, write_
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,6 @@ class ChannelGates:
         self._cells = []
 
 
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 _GATED: Dict[type, type] = {}
 
 

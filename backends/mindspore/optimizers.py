@@ -23,7 +23,7 @@ import mindspore as ms
 import mindspore.nn as nn
 import mindspore.ops as msops
 
-from prunekit.algorithms.sdprun import (COUPLINGS, SDPrunConfig, accumulate, group_soft_threshold, lambda_increment,
+from prunekit.algorithms.sdprun import (COUPLINGS, SDPrunConfig, accumulate, group_soft_threshold, LambdaSchedule,
                                         managed_units)
 from prunekit.errors import ConfigError
 from prunekit.lowrank import rank_ops
@@ -77,7 +77,7 @@ class SDPrun(nn.Optimizer):
         self._managed = managed
         self._plain = [i for i in range(len(plist)) if i not in set(managed)]
         self._acc: Dict[int, ms.Tensor] = {}
-        self.n, self.lam = 0, 0.0
+        self.schedule = LambdaSchedule(c, mu)  # λ_n, advanced once per step
 
     @classmethod
     def from_handle(cls, handle, groups: Optional[Sequence] = None, coupling: str = "filter",
@@ -103,8 +103,7 @@ class SDPrun(nn.Optimizer):
         if self._plain:
             _sgd(ms.mutable(tuple(params[i] for i in self._plain)),
                  ms.mutable(tuple(gradients[i] for i in self._plain)), ms.Tensor(lr, ms.float32))
-        self.n += 1
-        self.lam += lambda_increment(self.c, self.mu, lr, self.n)
+        self.schedule.advance(lr)
         ops = self._ops
         for i in self._managed:
             acc = self._acc.get(i)
@@ -114,10 +113,20 @@ class SDPrun(nn.Optimizer):
             g = gradients[i].asnumpy() if self._host else gradients[i]
             self._acc[i] = accumulate(ops, acc, g, lr)
         for unit in self._units:
-            new = group_soft_threshold(ops, [self._acc[i] for i in unit], self.lam)
+            new = group_soft_threshold(ops, [self._acc[i] for i in unit], self.schedule.value)
             for i, w in zip(unit, new):
                 write_(params[i], ms.Tensor(w) if self._host else w)
         return True
+
+    @property
+    def lam(self) -> float:
+        """The current threshold λ_n."""
+        return self.schedule.value
+
+    @property
+    def n(self) -> int:
+        """Steps taken."""
+        return self.schedule.n
 
     def accumulator(self, param) -> ms.Tensor:
         """The gRDA accumulator of a managed parameter (after at least one step)."""

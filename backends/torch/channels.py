@@ -18,9 +18,8 @@ import torch.nn as nn
 
 from prunekit.channels import OUTPUT
 
-from .layers import PRUNABLE
+from .layers import _BN, PRUNABLE
 
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 def norm_layers(handle) -> List[Tuple[str, int]]:

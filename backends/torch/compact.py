@@ -20,7 +20,6 @@ from prunekit.channels import check_keep, find_channel_groups, layer_slices
 
 from .layers import TorchModelHandle
 
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 def _index(idx, device) -> torch.Tensor:

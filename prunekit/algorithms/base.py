@@ -136,6 +136,8 @@ class Algorithm:
             backend=self.ops.name,
             layer_signature=signature(self.handle.layers),
             masks={n: self.ops.to_numpy(m) > 0.5 for n, m in self.masks.items()},
+            # channel-pruning algorithms: kept channels per group (compaction replays them)
+            kept_channels={k: [int(i) for i in v] for k, v in getattr(self, "channel_keep", {}).items()},
             meta=self.describe(),
         )
 

@@ -236,11 +236,6 @@ class ChannelPruner(Algorithm):
         self.channel_keep = keep
         self.set_masks({n: self.ops.asarray(m, like=self.handle.weight(n)) for n, m in masks.items()})
 
-    def plan(self):
-        plan = super().plan()
-        plan.kept_channels = {k: [int(i) for i in v] for k, v in self.channel_keep.items()}
-        return plan
-
     def describe(self) -> dict:
         c = self.config
         return {"keep_ratio": c.keep_ratio, "target": c.target, "at_fraction": c.at_fraction, "round_to": c.round_to,

@@ -46,7 +46,7 @@ from ..errors import ConfigError, ModelError
 from ..layers import LayerInfo
 from ..pai import GRASP_TEMPERATURE, SCORES, layer_densities, score_masks
 from ..plan import PruningPlan
-from ..selection import check_sparsity, keep_count
+from ..selection import check_sparsity, keep_count, top_channels
 from ..layers import signature
 from .base import Algorithm
 
@@ -251,12 +251,6 @@ def group_channel_scores(groups, scores: Dict[str, np.ndarray]) -> Dict[str, np.
                 total += cols.reshape(g.size, -1).sum(axis=1)
         out[g.name] = total
     return out
-
-
-def top_channels(score: np.ndarray, k: int) -> np.ndarray:
-    """The ``k`` channels with the largest score, ties to the lower index, sorted ascending."""
-    order = np.lexsort((np.arange(score.size), -np.asarray(score, np.float64)))
-    return np.sort(order[:k]).astype(np.int64)
 
 
 @dataclass

@@ -350,11 +350,6 @@ class SDPrunPruner(Algorithm):
             "groups_kept_one_channel": forced,
         }
 
-    def plan(self):
-        p = super().plan()
-        p.kept_channels = {k: [int(i) for i in v] for k, v in self.channel_keep.items()}
-        return p
-
     def describe(self) -> dict:
         c = self.config
         out = {"c": c.c, "mu": c.mu, "lr": c.lr, "coupling": c.coupling, "update_on": self.uops.name if self.handle else c.update_on,
