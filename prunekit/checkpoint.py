@@ -136,8 +136,6 @@ def save_checkpoint(out: str, state: dict) -> str:
             os.kill(os.getpid(), signal.SIGKILL)
         if os.path.exists(final):  # keep the last good checkpoint beside the new one
             prev_tmp = os.path.join(folder, f".{PREVIOUS}.tmp-{os.getpid()}")
-            if os.path.exists(prev_tmp):
-                os.remove(prev_tmp)
             os.link(final, prev_tmp)
             os.replace(prev_tmp, os.path.join(folder, PREVIOUS))
         os.replace(tmp, final)

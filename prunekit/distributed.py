@@ -291,7 +291,7 @@ class ConsistencyGuard:
             raise DistributedMismatch(msg)
         if self.comm.is_main:
             log.warning("%s; every rank now uses rank 0's masks", msg)
-        if not np.any(root != flat):
+        if diff == 0:  # this rank already held rank 0's masks
             return False
         adopted, at = {}, 0
         for n in names:

@@ -12,6 +12,7 @@ Everything plotted comes from the report, i.e. from what was measured on the mod
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Dict, List, Optional, Sequence
 
@@ -62,7 +63,7 @@ def plot_layers(report: dict, path: str) -> str:
     ax.set_ylim(0, 105)
     if ranked:
         ax = axes[2][0]
-        full = [min(r["weight_shape"][0], _prod(r["weight_shape"][1:])) if "rank" in r else 0 for r in rows]
+        full = [min(r["weight_shape"][0], math.prod(int(v) for v in r["weight_shape"][1:])) if "rank" in r else 0 for r in rows]
         ax.bar(x, full, color="#d5dbdb", label="full rank")
         ax.bar(x, [r.get("rank", 0) for r in rows], color="#27ae60", label="rank")
         ax.set_ylabel("rank")
@@ -72,13 +73,6 @@ def plot_layers(report: dict, path: str) -> str:
         row[0].set_xticklabels(names, rotation=90, fontsize=7)
         row[0].set_xlim(-0.6, len(names) - 0.4)
     return _save(fig, path)
-
-
-def _prod(values: Sequence[int]) -> int:
-    out = 1
-    for v in values:
-        out *= int(v)
-    return out
 
 
 def plot_trajectory(trajectory: List[dict], path: str, title: str = "") -> str:

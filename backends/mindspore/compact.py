@@ -67,8 +67,7 @@ def _narrow_norm(b, idx):
     return new
 
 
-def _set(model: nn.Cell, path: str, cell: nn.Cell) -> None:
-    cells = dict(model.cells_and_names())
+def _set(model: nn.Cell, cells: Dict[str, nn.Cell], path: str, cell: nn.Cell) -> None:
     parent_path, _, attr = path.rpartition(".")
     parent = cells[parent_path] if parent_path else model
     if isinstance(parent, (nn.SequentialCell, nn.CellList)):
@@ -94,14 +93,14 @@ def compact(handle: MindSporeModelHandle, keep: Dict[str, Sequence[int]]) -> Min
         else:
             raise TypeError(f"{name} is a {type(c).__name__}, not a Conv2d or Dense")
         new.set_train(c.training)
-        _set(model, name, new)
+        _set(model, cells, name, new)
     for name, idx in norm_keep.items():
         b = cells[name]
         if not isinstance(b, _BN):
             raise TypeError(f"{name} is a {type(b).__name__}, not a BatchNorm")
         new = _narrow_norm(b, idx)
         new.set_train(b.training)
-        _set(model, name, new)
+        _set(model, cells, name, new)
     for path, param in model.parameters_and_names():
         param.name = path
     return MindSporeModelHandle(model, handle.input_shape, handle.model_name, handle.ops)

@@ -92,7 +92,7 @@ class FusedUpdate:
         if terms is None:
             return False
         term_items = sorted(((index[n], t) for n, t in terms.items() if n in index), key=lambda p: p[0])
-        mask_items = sorted(((index[n], m) for n, m in algo.masks.items() if n in index), key=lambda p: p[0])
+        mask_items = sorted(((index[n], m) for n, m in algo.masks.items()), key=lambda p: p[0])  # all in index (above)
         tpos = {i: j for j, (i, _) in enumerate(term_items)}
         mpos = {i: j for j, (i, _) in enumerate(mask_items)}
         plan = tuple((tpos.get(i, -1), mpos.get(i, -1)) for i in range(len(grads)))

@@ -65,8 +65,9 @@ class SDPrun(torch.optim.Optimizer):
             if not params:
                 continue
             grda = group["grda"]
-            managed = [p for p in params if (p.dim() >= 2 if grda is None else grda)]
-            plain = [p for p in params if not any(p is q for q in managed)]
+            managed, plain = [], []
+            for p in params:
+                (managed if (p.dim() >= 2 if grda is None else grda) else plain).append(p)
             if plain:
                 torch._foreach_add_(plain, [p.grad for p in plain], alpha=-lr)
             if not managed:
