@@ -1,14 +1,24 @@
 """Realised speed-up of channel-compacted models against their dense originals.
 
 For each backend and model, the channel baseline (``prunekit.algorithms.channel``) chooses the
-channels that keep 50 % and 25 % of the dense MACs, once freely (``--round-to 1``) and once in
-multiples of 8 per group (``round_to=8``); ``backend.compact`` builds the narrower dense models. Inference latency (eval mode, no gradient) of dense and compacted models is the median
-of ``--repeats`` timed batches after warm-up; MindSpore runs the forward compiled with
-``mindspore.jit`` (PyNative pays about a millisecond per op, which would hide the arithmetic).
-Printed: the measured MACs ratio (from the compacted layers) beside the latency ratio and
-their quotient ("efficiency": realised speed-up / MACs speed-up; the target is >= 0.8).
+channels that keep 50 % and 25 % of the dense MACs: with its global L1 ranking
+(``allocation=global``) and with the same fraction of every group (``allocation=uniform``), each
+with channel counts free (``round_to=1``) and in multiples of 8 and 16 per group;
+``backend.compact`` builds the narrower dense models. Inference latency of dense and compacted
+models, each deployed the same way, is the median of ``--repeats`` timed batches after warm-up:
+
+* PyTorch ``--deploy frozen`` (default): ``torch.jit.trace`` + ``freeze`` +
+  ``optimize_for_inference`` -- BatchNorm folded into the convolutions, oneDNN layouts and
+  fused ReLUs on a CPU; ``--deploy eager``: the ``nn.Module`` in eval mode, no gradient;
+* MindSpore: the forward compiled with ``mindspore.jit`` (PyNative pays about a millisecond
+  per op, which would hide the arithmetic).
+
+Printed: the measured MACs ratio (from the compacted layers) beside the latency ratio and their
+quotient ("efficiency": realised speed-up / MACs speed-up; the target is >= 0.8). Models named
+``tv:<name>`` are torchvision's (PyTorch only) at ``--tv-image`` pixels.
 
     python benchmarks/compaction_speed.py                       # CPU, batch 64, both backends
+    python benchmarks/compaction_speed.py --backends torch --models tv:resnet50 --round-to 16
     python benchmarks/compaction_speed.py --backends torch --device cuda --batch 256
     python benchmarks/compaction_speed.py --write               # also record in RESULTS.md
 """
@@ -31,11 +41,14 @@ from prunekit.errors import ModelError  # noqa: E402
 from prunekit.flops import count_model  # noqa: E402
 
 
-def _torch_timer(handle, batch: int, device: str):
+def _torch_timer(handle, batch: int, device: str, deploy: str = "frozen"):
     import torch
 
     model = handle.model.to(device).eval()
     x = torch.randn((batch,) + tuple(handle.input_shape), device=device)
+    if deploy == "frozen":
+        with torch.no_grad():
+            model = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, x)))
 
     def run():
         with torch.no_grad():
@@ -45,7 +58,7 @@ def _torch_timer(handle, batch: int, device: str):
     return run
 
 
-def _mindspore_timer(handle, batch: int, device: str):
+def _mindspore_timer(handle, batch: int, device: str, deploy: str = "jit"):
     import mindspore as ms
 
     model = handle.model
@@ -61,7 +74,8 @@ def _mindspore_timer(handle, batch: int, device: str):
     return run
 
 
-def latency(timer, warmup: int, repeats: int) -> float:
+def latency(timer, warmup: int, repeats: int):
+    """(median, min) seconds of ``repeats`` timed calls after ``warmup`` untimed ones."""
     for _ in range(warmup):
         timer()
     times = []
@@ -69,46 +83,75 @@ def latency(timer, warmup: int, repeats: int) -> float:
         t0 = time.perf_counter()
         timer()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times), min(times)
+
+
+def _handle(backend, backend_name: str, model: str, device: str, tv_image: int):
+    if model.startswith("tv:"):
+        if backend_name != "torch":
+            return None
+        import torch
+        import torchvision
+        from backends.torch.layers import TorchModelHandle
+
+        torch.manual_seed(0)
+        name = model[3:]
+        net = getattr(torchvision.models, name)(num_classes=1000).to(device).eval()
+        return TorchModelHandle(net, (3, tv_image, tv_image), name)
+    return backend.model_handle(model, 10, 3, 32, seed=0, device=device if backend_name == "torch" else None)
 
 
 def measure(backend_name: str, model: str, ratios, batch: int, device: str, warmup: int, repeats: int,
-            rounds=(1,)):
+            rounds=(1,), allocations=("global",), deploy: str = "frozen", tv_image: int = 224):
     backend = get_backend(backend_name)
-    handle = backend.model_handle(model, 10, 3, 32, seed=0, device=device if backend_name == "torch" else None)
+    handle = _handle(backend, backend_name, model, device, tv_image)
+    if handle is None:
+        print(f"({backend_name} {model}: torchvision models are PyTorch only)")
+        return []
     groups = find_channel_groups(handle)
     weights = handle.weights_numpy()
     dense_macs = count_model(handle.layers, weights, handle.state_numpy())["dense_macs"]
-    make = _torch_timer if backend_name == "torch" else _mindspore_timer
-    dense_t = latency(make(handle, batch, device), warmup, repeats)
+    if backend_name == "torch":
+        def make(h):
+            return _torch_timer(h, batch, device, deploy)
+    else:
+        def make(h):
+            return _mindspore_timer(h, batch, device)
+    dense_t, dense_min = latency(make(handle), warmup, repeats)
     rows = []
-    for r, k in [(r, k) for r in ratios for k in rounds]:
+    for r, a, k in [(r, a, k) for r in ratios for a in allocations for k in rounds]:
         try:
-            keep = choose_channels(handle.layers, groups, weights, r, "flops", round_to=k)
+            keep = choose_channels(handle.layers, groups, weights, r, "flops", round_to=k, allocation=a)
         except ModelError as e:  # e.g. 25 % of the MACs with whole units of 8 channels
-            print(f"({backend_name} {model} target {r} round_to {k}: {e})")
+            print(f"({backend_name} {model} target {r} {a} round_to {k}: {e})")
             continue
         small = backend.compact(handle, keep)
         macs = count_model(small.layers, small.weights_numpy(), small.state_numpy())["dense_macs"]
-        t = latency(make(small, batch, device), warmup, repeats)
+        t, t_min = latency(make(small), warmup, repeats)
         flops_speedup = dense_macs / macs
         speedup = dense_t / t
-        rows.append({"backend": backend_name, "model": model, "target": r, "round_to": k, "macs_ratio": macs / dense_macs,
-                     "dense_ms": dense_t * 1e3, "compact_ms": t * 1e3, "latency_ratio": t / dense_t,
-                     "flops_speedup": flops_speedup, "speedup": speedup, "efficiency": speedup / flops_speedup})
+        rows.append({"backend": backend_name, "model": model, "target": r, "allocation": a, "round_to": k,
+                     "macs_ratio": macs / dense_macs, "dense_ms": dense_t * 1e3, "compact_ms": t * 1e3,
+                     "dense_min_ms": dense_min * 1e3, "compact_min_ms": t_min * 1e3, "latency_ratio": t / dense_t,
+                     "flops_speedup": flops_speedup, "speedup": speedup, "efficiency": speedup / flops_speedup,
+                     "efficiency_min": (dense_min / t_min) / flops_speedup})
     return rows
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backends", default="torch,mindspore")
-    p.add_argument("--models", default="resnet20,resnet56,mobilenetv2")
+    p.add_argument("--models", default="resnet20,resnet56,vgg16,mobilenetv2,tv:resnet18,tv:resnet50")
     p.add_argument("--ratios", default="0.5,0.25", help="fractions of the dense MACs kept")
-    p.add_argument("--round-to", default="1,8", help="channel multiples the baseline keeps (one row each)")
+    p.add_argument("--allocations", default="global,uniform", help="the channel baseline's allocation(s)")
+    p.add_argument("--round-to", default="1,8,16", help="channel multiples the baseline keeps (one row each)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--device", default="cpu", help="cpu, or cuda (PyTorch)")
+    p.add_argument("--deploy", default="frozen", choices=("frozen", "eager"), help="how PyTorch runs the models")
+    p.add_argument("--tv-image", type=int, default=224, help="input size of the tv:<name> models")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--tv-repeats", type=int, default=4, help="timed batches for the tv:<name> models")
     p.add_argument("--threads", type=int, default=0, help="PyTorch CPU threads (0: its default)")
     p.add_argument("--write", action="store_true", help="record the figures in benchmarks/RESULTS.md")
     a = p.parse_args(argv)
@@ -116,35 +159,48 @@ def main(argv=None):
         import torch
         torch.set_num_threads(a.threads)
     ratios = [float(r) for r in a.ratios.split(",")]
-    rows = []
     rounds = [int(k) for k in a.round_to.split(",")]
-    header = (f"{'backend':10s} {'model':12s} {'target':>6s} {'round':>5s} {'MACs kept':>9s} {'dense ms':>9s} {'compact ms':>10s} "
-              f"{'latency':>8s} {'MACs x':>7s} {'real x':>7s} {'eff.':>5s}")
+    allocations = a.allocations.split(",")
+    rows = []
+    header = (f"{'backend':10s} {'model':13s} {'target':>6s} {'alloc.':>7s} {'round':>5s} {'MACs kept':>9s} "
+              f"{'dense ms':>9s} {'compact ms':>10s} {'latency':>8s} {'MACs x':>7s} {'real x':>7s} {'eff.':>5s} "
+              f"{'eff.min':>7s}")
     print(header)
     for b in a.backends.split(","):
         if b == "mindspore" and a.device != "cpu":
             print(f"(mindspore skipped: --device {a.device} is PyTorch only here)")
             continue
         for m in a.models.split(","):
-            for row in measure(b, m, ratios, a.batch, a.device, a.warmup, a.repeats, rounds):
+            repeats = a.tv_repeats if m.startswith("tv:") else a.repeats
+            warmup = min(a.warmup, 2) if m.startswith("tv:") else a.warmup
+            for row in measure(b, m, ratios, a.batch, a.device, warmup, repeats, rounds, allocations, a.deploy,
+                               a.tv_image):
                 rows.append(row)
-                print(f"{row['backend']:10s} {row['model']:12s} {row['target']:6.2f} {row['round_to']:5d} {row['macs_ratio']:9.3f} "
-                      f"{row['dense_ms']:9.1f} {row['compact_ms']:10.1f} {row['latency_ratio']:8.3f} "
-                      f"{row['flops_speedup']:7.2f} {row['speedup']:7.2f} {row['efficiency']:5.2f}", flush=True)
+                print(f"{row['backend']:10s} {row['model']:13s} {row['target']:6.2f} {row['allocation']:>7s} "
+                      f"{row['round_to']:5d} {row['macs_ratio']:9.3f} {row['dense_ms']:9.1f} {row['compact_ms']:10.1f} "
+                      f"{row['latency_ratio']:8.3f} {row['flops_speedup']:7.2f} {row['speedup']:7.2f} "
+                      f"{row['efficiency']:5.2f} {row['efficiency_min']:7.2f}", flush=True)
     if a.write:
         from benchmarks.results import machine, write_section
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        lines = [f"Machine: {machine()}; device {a.device}, batch {a.batch}, median of {a.repeats} batches after "
-                 f"{a.warmup} warm-up; load average {load:.1f} at the end of the run.",
-                 "Channels chosen by the channel baseline (group L1, FLOPs target); MACs measured on the compacted "
-                 "layers. efficiency = realised speed-up / MACs speed-up (target >= 0.8).", "",
-                 "| backend | model | channels kept in multiples of | MACs kept | dense ms | compacted ms | "
-                 "latency ratio | MACs speed-up | realised speed-up | efficiency |",
-                 "|---|---|---|---|---|---|---|---|---|---|"]
+        threads = a.threads or "default"
+        cmd = "python benchmarks/compaction_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        lines = [f"Machine: {machine()}; device {a.device}, batch {a.batch}, PyTorch threads {threads}, PyTorch "
+                 f"deploy `{a.deploy}`, MindSpore `mindspore.jit`; median (and min) of {a.repeats} batches after "
+                 f"{a.warmup} warm-up ({a.tv_repeats} for the torchvision models, at {a.tv_image} px); load average "
+                 f"{load:.1f} at the end of the run. Command: `{cmd.strip()}`.",
+                 "Channels chosen by the channel baseline (group L1; `global`: one ranking over all groups, "
+                 "`uniform`: the same fraction of every group) for a MACs target; MACs measured on the compacted "
+                 "layers, random-initialised weights (seed 0). eff. = realised speed-up / MACs speed-up "
+                 "(target >= 0.8); eff. (min) uses the fastest batch of each instead of the median.", "",
+                 "| backend | model | target | allocation | multiple of | MACs kept | dense ms | compacted ms | "
+                 "MACs speed-up | realised speed-up | eff. | eff. (min) |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            lines.append(f"| {r['backend']} | {r['model']} | {r['round_to']} | {r['macs_ratio']:.3f} | {r['dense_ms']:.1f} | "
-                         f"{r['compact_ms']:.1f} | {r['latency_ratio']:.3f} | {r['flops_speedup']:.2f} | "
-                         f"{r['speedup']:.2f} | {r['efficiency']:.2f} |")
+            lines.append(f"| {r['backend']} | {r['model']} | {r['target']:.2f} | {r['allocation']} | {r['round_to']} | "
+                         f"{r['macs_ratio']:.3f} | {r['dense_ms']:.1f} | {r['compact_ms']:.1f} | "
+                         f"{r['flops_speedup']:.2f} | {r['speedup']:.2f} | {r['efficiency']:.2f} | "
+                         f"{r['efficiency_min']:.2f} |")
         write_section(f"Compaction speed-up ({a.device}, batch {a.batch})", lines)
     return rows
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from prunekit.algorithms import make_algorithm
-from prunekit.algorithms.channel import ChannelConfig, MacModel, choose_channels
+from prunekit.algorithms.channel import ChannelConfig, MacModel, choose_channels, group_scores
 from prunekit.backend import get_backend
 from prunekit.channels import compact_with_plan, find_channel_groups
 from prunekit.errors import ConfigError, ModelError
@@ -49,6 +49,48 @@ def test_round_to_keeps_multiples():
     r20 = _handle("torch")  # internal groups of 16 keep >= 8: a quarter of the MACs is out of reach
     with pytest.raises(ModelError, match="cannot be reached with round_to=8"):
         choose_channels(r20.layers, find_channel_groups(r20), r20.weights_numpy(), 0.25, "flops", round_to=8)
+
+
+@pytest.mark.parametrize("model,round_to", [("vgg16", 8), ("resnet20", 1), ("mobilenetv2", 16)])
+def test_uniform_allocation_same_fraction_everywhere(model, round_to):
+    h = _handle("torch", model)
+    groups = find_channel_groups(h)
+    w = h.weights_numpy()
+    keep = choose_channels(h.layers, groups, w, 0.5, "flops", round_to=round_to, allocation="uniform")
+    sizes = {g.name: g.size for g in groups if g.prunable}
+    counts = {k: len(v) for k, v in keep.items()}
+    macs = MacModel(h.layers, groups)
+    assert macs.macs(counts) <= 0.5 * macs.macs({})
+    # one fraction f for all: each count is f * size rounded up to the multiple (>= one unit)
+    f = max((counts[n] - round_to) / sizes[n] for n in sizes)
+    for n, size in sizes.items():
+        assert counts[n] % round_to == 0 or counts[n] == size
+        assert counts[n] >= min(round_to, size)
+        assert counts[n] >= min(size, f * size - 1e-9)
+        assert counts[n] <= max(min(round_to, size), f * size + round_to)
+    # within a group the best group-L1 channels stay
+    scores = group_scores(groups, w)
+    for n, kept in keep.items():
+        gone = np.setdiff1d(np.arange(sizes[n]), kept)
+        if gone.size:
+            assert scores[n][gone].max() <= scores[n][kept].min()
+    # the largest such fraction: one more unit everywhere it can grow breaks the budget
+    bigger = {n: min(sizes[n], c + round_to) for n, c in counts.items()}
+    assert macs.macs(bigger) > 0.5 * macs.macs({})
+    with pytest.raises(ConfigError, match="allocation"):
+        ChannelConfig(allocation="layerwise")
+    with pytest.raises(ModelError, match="allocation=uniform"):
+        choose_channels(h.layers, groups, w, 1e-4, "flops", round_to=round_to, allocation="uniform")
+
+
+def test_uniform_allocation_in_the_job(tmp_path):
+    algo = make_algorithm("channel", keep_ratio=0.5, allocation="uniform", round_to=8)
+    h = _handle("torch", "vgg16")
+    algo.bind(h, 1)
+    algo.finish()
+    kept = [len(v) for v in algo.channel_keep.values()]
+    assert algo.describe()["allocation"] == "uniform"
+    assert min(kept) >= 8 and all(k % 8 == 0 for k in kept)
 
 
 def test_lowest_l1_channels_go_first_and_channel_target():

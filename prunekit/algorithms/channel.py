@@ -35,10 +35,11 @@ import numpy as np
 
 from ..channels import ChannelGroup, find_channel_groups
 from ..errors import ConfigError, ModelError
-from ..selection import keep_count
+from ..selection import keep_count, top_channels
 from .base import Algorithm
 
 TARGETS = ("flops", "channels")
+ALLOCATIONS = ("global", "uniform")
 
 
 @dataclass
@@ -47,6 +48,7 @@ class ChannelConfig:
     target: str = "flops"       # "flops" or "channels"
     at_fraction: float = 0.0    # when to decide, as a fraction of the pruning steps
     round_to: int = 1           # keep a multiple of this many channels per group (8: faster kernels)
+    allocation: str = "global"  # "global": one L1 ranking over all groups; "uniform": same fraction per group
 
     def __post_init__(self):
         try:
@@ -57,6 +59,8 @@ class ChannelConfig:
             raise ConfigError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
         if self.target not in TARGETS:
             raise ConfigError(f"unknown target {self.target!r}; expected one of {', '.join(TARGETS)}")
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(f"unknown allocation {self.allocation!r}; expected one of {', '.join(ALLOCATIONS)}")
         if not isinstance(self.round_to, int) or isinstance(self.round_to, bool) or self.round_to < 1:
             raise ConfigError(f"round_to must be a positive integer, got {self.round_to!r}")
         if not (0.0 <= float(self.at_fraction) <= 1.0):
@@ -131,19 +135,62 @@ class MacModel:
         return total
 
 
+def _uniform_counts(sizes: Dict[str, int], fraction: float, round_to: int) -> Dict[str, int]:
+    """Each group's count at ``fraction`` of its size, rounded up to a multiple of ``round_to``,
+    at least one unit (``round_to`` channels, or the whole group if it is smaller), at most all."""
+    out = {}
+    for n, size in sizes.items():
+        k = round_to * math.ceil(fraction * size / round_to - 1e-9)
+        out[n] = int(min(size, max(k, min(round_to, size))))
+    return out
+
+
+def _choose_uniform(layers, groups, scores, sizes, keep_ratio, target, round_to) -> Dict[str, np.ndarray]:
+    model = MacModel(layers, groups)
+    total_macs, total = model.macs({}), sum(sizes.values())
+
+    def fits(counts):
+        if target == "flops":
+            return model.macs(counts) <= keep_ratio * total_macs
+        return sum(counts.values()) <= keep_count(total, 1.0 - keep_ratio)
+
+    floor = _uniform_counts(sizes, 0.0, round_to)
+    if not fits(floor):
+        what = f"{model.macs(floor) / total_macs:.3f} of the MACs" if target == "flops" else \
+            f"{sum(floor.values())} of {total} channels"
+        raise ModelError(f"keep_ratio {keep_ratio:g} cannot be reached with allocation=uniform and "
+                         f"round_to={round_to}: the smallest is {what}")
+    # the counts only change where fraction * size crosses a multiple of round_to: try those
+    fractions = sorted({min(1.0, j * round_to / s) for s in sizes.values() for j in range(1, s // round_to + 2)}
+                       | {1.0})
+    best = floor
+    for f in fractions:
+        counts = _uniform_counts(sizes, f, round_to)
+        if not fits(counts):
+            break
+        best = counts
+    return {n: top_channels(scores[n], best[n]) for n in sizes}
+
+
 def choose_channels(layers, groups: List[ChannelGroup], weights: Dict[str, np.ndarray], keep_ratio: float,
-                    target: str = "flops", round_to: int = 1) -> Dict[str, np.ndarray]:
+                    target: str = "flops", round_to: int = 1, allocation: str = "global") -> Dict[str, np.ndarray]:
     """The kept channel indices per prunable group under the rule in the module docstring.
 
     With ``round_to`` > 1 every group keeps a multiple of ``round_to`` channels (or all of them,
     or, for a group smaller than ``round_to``, all): channels leave in units of ``round_to`` (the
-    group's ``size % round_to`` lowest-scoring first), units ranked by their mean score."""
+    group's ``size % round_to`` lowest-scoring first), units ranked by their mean score.
+    ``allocation="uniform"``: the same fraction of every group (module docstring)."""
     scores = group_scores(groups, weights)
     if not scores:
         raise ModelError("the model has no prunable channel group")
     round_to = int(round_to)
     if round_to < 1:
         raise ConfigError(f"round_to must be a positive integer, got {round_to}")
+    if allocation not in ALLOCATIONS:
+        raise ConfigError(f"unknown allocation {allocation!r}; expected one of {', '.join(ALLOCATIONS)}")
+    if allocation == "uniform":
+        sizes = {g.name: g.size for g in groups if g.name in scores}
+        return _choose_uniform(layers, groups, scores, sizes, keep_ratio, target, round_to)
     names = [g.name for g in groups if g.name in scores]
     sizes = {g.name: g.size for g in groups}
     units = []  # (mean score, group position, first channel, channels)
@@ -231,7 +278,7 @@ class ChannelPruner(Algorithm):
     def decide(self) -> None:
         weights = {n: np.asarray(w) for n, w in self.handle.weights_numpy().items()}
         keep = choose_channels(self.handle.layers, self.groups, weights, self.config.keep_ratio, self.config.target,
-                               self.config.round_to)
+                               self.config.round_to, self.config.allocation)
         masks = channel_masks(self.handle, self.groups, keep)
         self.channel_keep = keep
         self.set_masks({n: self.ops.asarray(m, like=self.handle.weight(n)) for n, m in masks.items()})
@@ -239,7 +286,10 @@ class ChannelPruner(Algorithm):
     def describe(self) -> dict:
         c = self.config
         return {"keep_ratio": c.keep_ratio, "target": c.target, "at_fraction": c.at_fraction, "round_to": c.round_to,
-                "rule": "group L1 of producer filters / weights summed, global ascending, >= 1 per group"}
+                "allocation": c.allocation,
+                "rule": ("group L1 of producer filters / weights summed, global ascending, >= 1 per group"
+                         if c.allocation == "global" else
+                         "same fraction of every group (rounded up to round_to), best group-L1 channels kept")}
 
     def state_dict(self) -> dict:
         d = super().state_dict()
