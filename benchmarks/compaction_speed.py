@@ -26,11 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
-
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -39,51 +35,6 @@ from prunekit.backend import get_backend  # noqa: E402
 from prunekit.channels import find_channel_groups  # noqa: E402
 from prunekit.errors import ModelError  # noqa: E402
 from prunekit.flops import count_model  # noqa: E402
-
-
-def _torch_timer(handle, batch: int, device: str, deploy: str = "frozen"):
-    import torch
-
-    model = handle.model.to(device).eval()
-    x = torch.randn((batch,) + tuple(handle.input_shape), device=device)
-    if deploy == "frozen":
-        with torch.no_grad():
-            model = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, x)))
-
-    def run():
-        with torch.no_grad():
-            model(x)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-    return run
-
-
-def _mindspore_timer(handle, batch: int, device: str, deploy: str = "jit"):
-    import mindspore as ms
-
-    model = handle.model
-    model.set_train(False)
-    x = ms.Tensor(np.random.default_rng(0).standard_normal((batch,) + tuple(handle.input_shape)).astype(np.float32))
-
-    @ms.jit
-    def forward(inp):
-        return model(inp)
-
-    def run():
-        forward(x).asnumpy()  # waits for the result
-    return run
-
-
-def latency(timer, warmup: int, repeats: int):
-    """(median, min) seconds of ``repeats`` timed calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        timer()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        timer()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), min(times)
 
 
 def _handle(backend, backend_name: str, model: str, device: str, tv_image: int):
@@ -111,13 +62,11 @@ def measure(backend_name: str, model: str, ratios, batch: int, device: str, warm
     groups = find_channel_groups(handle)
     weights = handle.weights_numpy()
     dense_macs = count_model(handle.layers, weights, handle.state_numpy())["dense_macs"]
-    if backend_name == "torch":
-        def make(h):
-            return _torch_timer(h, batch, device, deploy)
-    else:
-        def make(h):
-            return _mindspore_timer(h, batch, device)
-    dense_t, dense_min = latency(make(handle), warmup, repeats)
+    def latency(h):
+        t = backend.inference_latency(h, batch, warmup, repeats, deploy if backend_name == "torch" else "jit")
+        return t["median_ms"] / 1e3, t["min_ms"] / 1e3
+
+    dense_t, dense_min = latency(handle)
     rows = []
     for r, a, k in [(r, a, k) for r in ratios for a in allocations for k in rounds]:
         try:
@@ -127,7 +76,7 @@ def measure(backend_name: str, model: str, ratios, batch: int, device: str, warm
             continue
         small = backend.compact(handle, keep)
         macs = count_model(small.layers, small.weights_numpy(), small.state_numpy())["dense_macs"]
-        t, t_min = latency(make(small), warmup, repeats)
+        t, t_min = latency(small)
         flops_speedup = dense_macs / macs
         speedup = dense_t / t
         rows.append({"backend": backend_name, "model": model, "target": r, "allocation": a, "round_to": k,

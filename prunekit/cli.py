@@ -68,6 +68,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="continue the run from OUT/checkpoint (an error if there is none or it does not match)")
     p.add_argument("--deterministic", action="store_true", default=d.deterministic,
                    help="deterministic kernels on one thread, so a resumed run matches an uninterrupted one bitwise")
+    p.add_argument("--latency-batch", type=int, default=d.latency_batch, metavar="N",
+                   help="channel pruning: time inference of the dense and the compacted model on batches of N "
+                        "(default %(default)s; 0: no timing)")
 
 
 def explicit_options(parser: argparse.ArgumentParser, argv: List[str]) -> set:

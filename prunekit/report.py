@@ -78,6 +78,12 @@ def format_report(report: dict, max_layers: int = 60) -> str:
         lines.append(f"decomposition ({dec['scheme']}, singular values >= {dec['threshold']}): parameters "
                      f"{dec['params_before']:,} -> {dec['params_after']:,}, MACs {_fmt_count(dec['macs_before'])} -> "
                      f"{_fmt_count(dec['macs_after'])} ({dec['flops_reduction']:.2f}x fewer)")
+    for where in ("compaction", "at_initialization"):
+        lat = (report.get(where) or {}).get("latency")
+        if lat:
+            lines.append(f"inference latency (batch {lat['batch']}, median): dense {lat['dense_ms']:.1f} ms, compacted "
+                         f"{lat['compacted_ms']:.1f} ms: {lat['speedup']:.2f}x faster for {lat['macs_speedup']:.2f}x "
+                         f"fewer MACs")
     acc = report.get("accuracy", {})
     if acc:
         lines.append("accuracy:         " + ", ".join(f"{k} {v:.2%}" for k, v in acc.items()))
@@ -102,7 +108,14 @@ def report_markdown(report: dict) -> str:
             f"| prunable sparsity (measured) | {t['prunable_sparsity']:.4%} |",
             f"| non-zero / all parameters | {t['total_nonzero']:,} / {t['total_params']:,} |",
             f"| dense MACs per sample | {t['dense_macs']:,} |",
-            f"| effective MACs per sample | {t['effective_macs']:,} |", ""]
+            f"| effective MACs per sample | {t['effective_macs']:,} |"]
+    for where in ("compaction", "at_initialization"):
+        lat = (report.get(where) or {}).get("latency")
+        if lat:
+            out += [f"| inference ms, batch {lat['batch']}, dense / compacted (median) | "
+                    f"{lat['dense_ms']:.1f} / {lat['compacted_ms']:.1f} |",
+                    f"| realised / MACs speed-up | {lat['speedup']:.2f}x / {lat['macs_speedup']:.2f}x |"]
+    out.append("")
     out += ["| layer | kind | shape | params | non-zero | sparsity | kept out-channels | effective MACs |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["layers"]:

@@ -157,3 +157,19 @@ def test_job_compacts_and_reports(backend, tmp_path):
     again.load_state_numpy({k: weights[k] for k in weights.files})
     saved = json.load(open(out / "report.json"))
     assert saved["compaction"]["macs_after"] == comp["macs_after"]
+    # inference of both models timed side by side (batch 64 by default), with the MACs ratio beside it
+    lat = comp["latency"]
+    assert lat["batch"] == 64 and lat["dense_ms"] > 0 and lat["compacted_ms"] > 0
+    assert lat["macs_speedup"] == pytest.approx(comp["macs_before"] / comp["macs_after"], rel=1e-3)
+    assert lat["speedup"] == pytest.approx(lat["dense_ms"] / lat["compacted_ms"], rel=1e-2)
+    assert lat["efficiency"] == pytest.approx(lat["speedup"] / lat["macs_speedup"], rel=1e-2)
+    assert "compacted" in (out / "report.md").read_text().split("| layer |")[0]
+
+
+def test_latency_batch_setting(tmp_path):
+    with pytest.raises(ConfigError, match="latency_batch"):
+        RunConfig(latency_batch=-1).validate()
+    report = run(RunConfig(backend="torch", model="resnet20", algorithm="channel", params={"keep_ratio": 0.5},
+                           train_limit=50, test_limit=20, dense_epochs=0, prune_epochs=1, batch_size=50,
+                           progress=False, latency_batch=0, out=str(tmp_path / "r")), echo=lambda *a: None)
+    assert "latency" not in report["compaction"]

@@ -288,6 +288,9 @@ def test_job_trains_the_narrow_model_and_reports_it_measured(tmp_path):
     assert 0.0 <= report["accuracy"]["after_pruning"] <= 1.0
     weights = np.load(tmp_path / "pc" / "weights.npz")
     assert weights["layer1.0.conv1.weight"].shape[0] == init["channels_kept"]["layer1.0.conv1"]
+    lat = init["latency"]  # the narrow model's inference timed beside the dense one it came from
+    assert lat["dense_ms"] > 0 and lat["compacted_ms"] > 0
+    assert lat["macs_speedup"] == pytest.approx(init["macs_before"] / init["macs_after"], rel=1e-3)
 
 
 def test_job_unstructured_baseline_keeps_the_pai_masks(tmp_path):
@@ -296,6 +299,7 @@ def test_job_unstructured_baseline_keeps_the_pai_masks(tmp_path):
     report = run(RunConfig(backend="torch", out=str(tmp_path / "un"),
                            params={"score": "synflow", "rounds": 5, "structure": "unstructured"}, **JOB),
                  echo=lambda *a: None)
+    assert "latency" not in report["at_initialization"]  # same shapes: nothing to time
     scored = [r for r in report["layers"] if r["name"] in report["at_initialization"]["scored_layers"]]
     nonzero = sum(r["nonzero"] for r in scored)
     total = sum(r["params"] for r in scored)
