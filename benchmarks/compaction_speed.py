@@ -7,9 +7,10 @@ with channel counts free (``round_to=1``) and in multiples of 8 and 16 per group
 ``backend.compact`` builds the narrower dense models. Inference latency of dense and compacted
 models, each deployed the same way, is the median of ``--repeats`` timed batches after warm-up:
 
-* PyTorch ``--deploy frozen`` (default): ``torch.jit.trace`` + ``freeze`` +
-  ``optimize_for_inference`` -- BatchNorm folded into the convolutions, oneDNN layouts and
-  fused ReLUs on a CPU; ``--deploy eager``: the ``nn.Module`` in eval mode, no gradient;
+* PyTorch ``--deploy compiled`` (default): ``torch.compile`` (Inductor) with ``freezing`` --
+  BatchNorm folded, weights pre-packed, additions and ReLUs fused; ``--deploy frozen``:
+  TorchScript ``trace`` + ``freeze`` + ``optimize_for_inference``; ``--deploy eager``: the
+  ``nn.Module`` in eval mode, no gradient (``backends/torch/timing.py``);
 * MindSpore: the forward compiled with ``mindspore.jit`` (PyNative pays about a millisecond
   per op, which would hide the arithmetic).
 
@@ -53,7 +54,9 @@ def _handle(backend, backend_name: str, model: str, device: str, tv_image: int):
 
 
 def measure(backend_name: str, model: str, ratios, batch: int, device: str, warmup: int, repeats: int,
-            rounds=(1,), allocations=("global",), deploy: str = "frozen", tv_image: int = 224):
+            rounds=(1,), allocations=("global",), deploy: str = "compiled", tv_image: int = 224, timing_rounds: int = 3):
+    """One model: every plan's compacted model timed side by side with the dense one
+    (``backend.time_inference``: ``timing_rounds`` rounds of ``repeats`` batches each, in turn)."""
     backend = get_backend(backend_name)
     handle = _handle(backend, backend_name, model, device, tv_image)
     if handle is None:
@@ -62,12 +65,7 @@ def measure(backend_name: str, model: str, ratios, batch: int, device: str, warm
     groups = find_channel_groups(handle)
     weights = handle.weights_numpy()
     dense_macs = count_model(handle.layers, weights, handle.state_numpy())["dense_macs"]
-    def latency(h):
-        t = backend.inference_latency(h, batch, warmup, repeats, deploy if backend_name == "torch" else "jit")
-        return t["median_ms"] / 1e3, t["min_ms"] / 1e3
-
-    dense_t, dense_min = latency(handle)
-    rows = []
+    plans = []
     for r, a, k in [(r, a, k) for r in ratios for a in allocations for k in rounds]:
         try:
             keep = choose_channels(handle.layers, groups, weights, r, "flops", round_to=k, allocation=a)
@@ -76,14 +74,19 @@ def measure(backend_name: str, model: str, ratios, batch: int, device: str, warm
             continue
         small = backend.compact(handle, keep)
         macs = count_model(small.layers, small.weights_numpy(), small.state_numpy())["dense_macs"]
-        t, t_min = latency(small)
+        plans.append((r, a, k, small, macs))
+    timed = backend.time_inference([handle] + [p[3] for p in plans], batch, warmup, repeats,
+                                   deploy if backend_name == "torch" else "jit", rounds=timing_rounds)
+    dense_t, dense_min = timed[0]["median_ms"], timed[0]["min_ms"]
+    rows = []
+    for (r, a, k, _, macs), t in zip(plans, timed[1:]):
         flops_speedup = dense_macs / macs
-        speedup = dense_t / t
+        speedup = dense_t / t["median_ms"]
         rows.append({"backend": backend_name, "model": model, "target": r, "allocation": a, "round_to": k,
-                     "macs_ratio": macs / dense_macs, "dense_ms": dense_t * 1e3, "compact_ms": t * 1e3,
-                     "dense_min_ms": dense_min * 1e3, "compact_min_ms": t_min * 1e3, "latency_ratio": t / dense_t,
+                     "macs_ratio": macs / dense_macs, "dense_ms": dense_t, "compact_ms": t["median_ms"],
+                     "dense_min_ms": dense_min, "compact_min_ms": t["min_ms"], "latency_ratio": t["median_ms"] / dense_t,
                      "flops_speedup": flops_speedup, "speedup": speedup, "efficiency": speedup / flops_speedup,
-                     "efficiency_min": (dense_min / t_min) / flops_speedup})
+                     "efficiency_min": (dense_min / t["min_ms"]) / flops_speedup})
     return rows
 
 
@@ -96,11 +99,13 @@ def main(argv=None):
     p.add_argument("--round-to", default="1,8,16", help="channel multiples the baseline keeps (one row each)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--device", default="cpu", help="cpu, or cuda (PyTorch)")
-    p.add_argument("--deploy", default="frozen", choices=("frozen", "eager"), help="how PyTorch runs the models")
+    p.add_argument("--deploy", default="compiled", choices=("compiled", "frozen", "eager"),
+                   help="how PyTorch runs the models (backends/torch/timing.py)")
     p.add_argument("--tv-image", type=int, default=224, help="input size of the tv:<name> models")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--tv-repeats", type=int, default=4, help="timed batches for the tv:<name> models")
+    p.add_argument("--repeats", type=int, default=4, help="timed batches of each model per round")
+    p.add_argument("--rounds", type=int, default=4, help="rounds of timing, every model in turn")
+    p.add_argument("--tv-repeats", type=int, default=1, help="timed batches per round for the tv:<name> models")
     p.add_argument("--threads", type=int, default=0, help="PyTorch CPU threads (0: its default)")
     p.add_argument("--write", action="store_true", help="record the figures in benchmarks/RESULTS.md")
     a = p.parse_args(argv)
@@ -123,7 +128,7 @@ def main(argv=None):
             repeats = a.tv_repeats if m.startswith("tv:") else a.repeats
             warmup = min(a.warmup, 2) if m.startswith("tv:") else a.warmup
             for row in measure(b, m, ratios, a.batch, a.device, warmup, repeats, rounds, allocations, a.deploy,
-                               a.tv_image):
+                               a.tv_image, a.rounds):
                 rows.append(row)
                 print(f"{row['backend']:10s} {row['model']:13s} {row['target']:6.2f} {row['allocation']:>7s} "
                       f"{row['round_to']:5d} {row['macs_ratio']:9.3f} {row['dense_ms']:9.1f} {row['compact_ms']:10.1f} "
@@ -135,8 +140,10 @@ def main(argv=None):
         threads = a.threads or "default"
         cmd = "python benchmarks/compaction_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
         lines = [f"Machine: {machine()}; device {a.device}, batch {a.batch}, PyTorch threads {threads}, PyTorch "
-                 f"deploy `{a.deploy}`, MindSpore `mindspore.jit`; median (and min) of {a.repeats} batches after "
-                 f"{a.warmup} warm-up ({a.tv_repeats} for the torchvision models, at {a.tv_image} px); load average "
+                 f"deploy `{a.deploy}`, MindSpore `mindspore.jit`; each model's compacted versions timed side by side "
+                 f"with it: {a.warmup} warm-up batches each, then {a.rounds} rounds of {a.repeats} batches of every "
+                 f"model in turn ({a.tv_repeats} per round for the torchvision models, at {a.tv_image} px); median "
+                 f"(and min) of those; load average "
                  f"{load:.1f} at the end of the run. Command: `{cmd.strip()}`.",
                  "Channels chosen by the channel baseline (group L1; `global`: one ranking over all groups, "
                  "`uniform`: the same fraction of every group) for a MACs target; MACs measured on the compacted "

@@ -319,14 +319,14 @@ def _compact(backend, handle, channel_keep, echo, latency_batch: int = 0):
 
 
 def _latency(backend, dense, small, before: dict, after: dict, batch: int, echo) -> dict:
-    """Inference latency of the dense and the narrower model, measured side by side on the run's
-    device (``backend.inference_latency``: eval mode, median of 5 batches after 2 warm-up ones;
-    MindSpore compiled with ``mindspore.jit``), with the realised speed-up beside the MACs one."""
-    t_dense = backend.inference_latency(dense, batch)
-    t_small = backend.inference_latency(small, batch)
+    """Inference latency of the dense and the narrower model, timed side by side on the run's
+    device (``backend.time_inference``: eval mode, 2 warm-up batches each, then 3 rounds of 2
+    batches of each model in turn; PyTorch eager, MindSpore compiled with ``mindspore.jit``), with
+    the realised speed-up (of the medians) beside the MACs one."""
+    t_dense, t_small = backend.time_inference([dense, small], batch, warmup=2, repeats=2, rounds=3)
     speedup = t_dense["median_ms"] / max(1e-9, t_small["median_ms"])
     macs_speedup = before["dense_macs"] / max(1, after["dense_macs"])
-    out = {"batch": batch, "deploy": t_dense["deploy"], "repeats": t_dense["repeats"],
+    out = {"batch": batch, "deploy": t_dense["deploy"], "timed_batches": t_dense["timed"],
            "dense_ms": round(t_dense["median_ms"], 3), "compacted_ms": round(t_small["median_ms"], 3),
            "speedup": round(speedup, 3), "macs_speedup": round(macs_speedup, 3),
            "efficiency": round(speedup / macs_speedup, 3)}

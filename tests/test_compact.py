@@ -128,3 +128,26 @@ def test_bad_keep_is_refused_and_nothing_changes(backend):
     # keeping a whole non-prunable group is allowed (a no-op for it)
     same = backend.compact(h, {"fc": list(range(10))})
     assert signature(same.layers) == signature(h.layers)
+
+
+def test_time_inference_side_by_side(backend):
+    """The timer the job and the compaction benchmark use: every model timed rounds x repeats
+    times, in turn, and left in the mode it was in."""
+    h = backend.model_handle("mnist_cnn", 10, 1, 28, seed=0)
+    small = backend.compact(h, {"conv2": list(range(0, 64, 4))})
+    h.model.set_train(True) if hasattr(h.model, "set_train") else h.model.train()
+    got = backend.time_inference([h, small], 8, warmup=1, repeats=2, rounds=2)
+    assert [t["timed"] for t in got] == [4, 4]
+    assert all(0 < t["min_ms"] <= t["median_ms"] for t in got)
+    assert bool(h.model.training)
+    with pytest.raises(ValueError, match="deploy"):
+        backend.time_inference([h], 8, deploy="turbo")
+
+
+@pytest.mark.parametrize("deploy", ["frozen", "compiled"])
+def test_torch_deployed_timing(deploy):
+    backend = get_backend("torch")
+    h = backend.model_handle("mnist_cnn", 10, 1, 28, seed=0)
+    t = backend.inference_latency(h, 4, warmup=1, repeats=2, deploy=deploy)
+    assert t["deploy"] == deploy and t["timed"] == 2 and t["median_ms"] > 0
+    assert h.model.training  # restored

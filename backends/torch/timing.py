@@ -1,46 +1,75 @@
-"""Inference latency of a model handle on its device (PyTorch): what compaction buys, measured.
+"""Inference latency of model handles on their device (PyTorch): what compaction buys, measured.
 
-``inference_latency(handle, batch)`` runs the model in eval mode without gradients on a random
-batch of the handle's input shape and returns the median and fastest of the timed batches (after
-untimed warm-up ones; CUDA synchronised). ``deploy="frozen"`` first traces, freezes and
-``optimize_for_inference``-s the model (BatchNorm folded into the convolutions, oneDNN layouts on
-a CPU), as one deploys it; ``"eager"`` times the ``nn.Module`` itself. The model is left as it
-was (eval/train mode restored).
+``time_inference(handles, batch)`` runs each model in eval mode without gradients on one random
+batch of its input shape and returns, per model, the median and fastest of its timed batches
+(CUDA synchronised). The models are timed side by side: after ``warmup`` untimed calls each,
+``rounds`` rounds each time ``repeats`` calls of every model in turn, so a slow spell of a shared
+machine falls on all of them alike. How the models run (``deploy``):
+
+* ``"eager"``: the ``nn.Module`` itself;
+* ``"frozen"``: traced, frozen and ``optimize_for_inference``-d TorchScript (BatchNorm folded into
+  the convolutions, oneDNN layouts and fused ReLUs on a CPU);
+* ``"compiled"``: ``torch.compile`` (Inductor) with ``freezing`` (BatchNorm folded, weights
+  pre-packed, additions and activations fused into generated kernels), each model compiled for
+  its own static shapes (no automatic dynamic shapes, a cache large enough for all of them).
+
+``inference_latency(handle, batch)`` is the same for one model. The models are left as they were
+(eval/train mode restored).
 """
 from __future__ import annotations
 
 import statistics
 import time
+from typing import List, Sequence
 
 import torch
 
-DEPLOYS = ("eager", "frozen")
+DEPLOYS = ("eager", "frozen", "compiled")
+
+
+def _runner(model, x, deploy: str):
+    if deploy == "frozen":
+        return torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, x)))
+    if deploy == "compiled":
+        return torch.compile(model, options={"freezing": True})
+    return model
+
+
+def time_inference(handles: Sequence, batch: int, warmup: int = 2, repeats: int = 5, deploy: str = "eager",
+                   rounds: int = 1) -> List[dict]:
+    if deploy not in DEPLOYS:
+        raise ValueError(f"unknown deploy {deploy!r}; expected one of {', '.join(DEPLOYS)}")
+    models = [h.model for h in handles]
+    modes = [m.training for m in models]
+    params = [next(m.parameters()) for m in models]
+    inputs = [torch.randn((int(batch),) + tuple(h.input_shape), device=p.device, dtype=p.dtype)
+              for h, p in zip(handles, params)]
+    cuda = any(p.device.type == "cuda" for p in params)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    times: List[List[float]] = [[] for _ in handles]
+    try:
+        for m in models:
+            m.eval()
+        with torch.no_grad(), torch._dynamo.config.patch(automatic_dynamic_shapes=False,
+                                                         cache_size_limit=max(8, 2 * len(models))):
+            runners = [_runner(m, x, deploy) for m, x in zip(models, inputs)]
+            for run, x in zip(runners, inputs):
+                for _ in range(int(warmup)):
+                    run(x)
+            sync()
+            for _ in range(int(rounds)):
+                for i, (run, x) in enumerate(zip(runners, inputs)):
+                    for _ in range(int(repeats)):
+                        t0 = time.perf_counter()
+                        run(x)
+                        sync()
+                        times[i].append(time.perf_counter() - t0)
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+    return [{"median_ms": statistics.median(t) * 1e3, "min_ms": min(t) * 1e3, "batch": int(batch), "deploy": deploy,
+             "timed": len(t)} for t in times]
 
 
 def inference_latency(handle, batch: int, warmup: int = 2, repeats: int = 5, deploy: str = "eager") -> dict:
-    if deploy not in DEPLOYS:
-        raise ValueError(f"unknown deploy {deploy!r}; expected one of {', '.join(DEPLOYS)}")
-    model = handle.model
-    param = next(model.parameters())
-    x = torch.randn((int(batch),) + tuple(handle.input_shape), device=param.device, dtype=param.dtype)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            run = model
-            if deploy == "frozen":
-                run = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, x)))
-            sync = torch.cuda.synchronize if param.device.type == "cuda" else (lambda: None)
-            for _ in range(int(warmup)):
-                run(x)
-            sync()
-            times = []
-            for _ in range(int(repeats)):
-                t0 = time.perf_counter()
-                run(x)
-                sync()
-                times.append(time.perf_counter() - t0)
-    finally:
-        model.train(was_training)
-    return {"median_ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3, "batch": int(batch),
-            "deploy": deploy, "repeats": int(repeats)}
+    return time_inference([handle], batch, warmup, repeats, deploy)[0]
