@@ -42,6 +42,14 @@ COMPARISONS = ("dsa20", "dsa56", "precrop", "sdprun")
 SDPRUN_PAPER = 0.9397
 
 
+def _same(recorded, asked) -> bool:
+    """A recorded setting equals the asked one (numbers compared as floats, to 6 digits)."""
+    try:
+        return math.isclose(float(recorded), float(asked), rel_tol=1e-6)
+    except (TypeError, ValueError):
+        return recorded == asked
+
+
 def _job(args, name, model, algorithm, dense, prune, train_limit, params, sparsity=0.9):
     """One job's report (run now, or read with ``--reuse``), or ``{"error": ...}``."""
     out = os.path.join(args.out, name)
@@ -58,6 +66,11 @@ def _job(args, name, model, algorithm, dense, prune, train_limit, params, sparsi
             got = (report["model"], r["algorithm"], r["dense_epochs"], r["prune_epochs"])
             if got != (model, algorithm, dense, prune):
                 raise ValueError(f"{out}/report.json is for {got}, not {(model, algorithm, dense, prune)}")
+            settings = report.get("algorithm_config")  # recorded by reports written since it was added
+            differ = {k: (settings[k], v) for k, v in params.items() if settings is not None and k in settings
+                      and not _same(settings[k], v)}
+            if differ:
+                raise ValueError(f"{out}/report.json was run with other settings (recorded, asked): {differ}")
         else:
             report = run(cfg, echo=lambda *a: None)
     except Exception as e:  # a failed job is a row of the table, not the end of the benchmark

@@ -281,6 +281,7 @@ def run(cfg: RunConfig, echo=print) -> dict:
                 "resumed_at_steps": progress.resumed_at or None}
     ranks = getattr(algorithm, "ranks", None)
     report = build_report(handle, accuracy, run_info, ranks=ranks, extra=extra)
+    report["algorithm_config"] = _config_record(algorithm.config)
     report["trajectory"] = progress.trajectory
     if comm is not None and not comm.is_main:
         return report
@@ -353,6 +354,24 @@ def _sizes(before: dict, after: dict) -> dict:
     """Parameters and MACs of a model before and after a transformation, from their counts."""
     return {"params_before": before["total_params"], "params_after": after["total_params"],
             "macs_before": before["dense_macs"], "macs_after": after["dense_macs"]}
+
+
+def _config_record(config) -> dict:
+    """The algorithm's effective settings (its config dataclass, defaults filled in), as JSON
+    values: what produced the run, recorded in its report."""
+    def plain(v):
+        if isinstance(v, (bool, int, float, str)) or v is None:
+            return v
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if hasattr(v, "item"):
+            return v.item()
+        return str(v)
+    if dataclasses.is_dataclass(config):
+        return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    return {}
 
 
 def _silent(*args, **kwargs) -> None:

@@ -100,6 +100,10 @@ def report_markdown(report: dict) -> str:
         out += ["| setting | value |", "| --- | --- |"]
         out += [f"| {k} | {v} |" for k, v in report["run"].items()]
         out.append("")
+    if report.get("algorithm_config"):
+        out += [f"| {report.get('run', {}).get('algorithm', 'algorithm')} setting | value |", "| --- | --- |"]
+        out += [f"| {k} | {v} |" for k, v in report["algorithm_config"].items()]
+        out.append("")
     if report.get("accuracy"):
         out += ["| accuracy | value |", "| --- | --- |"]
         out += [f"| {k} | {v:.2%} |" for k, v in report["accuracy"].items()]

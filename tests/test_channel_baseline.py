@@ -164,6 +164,10 @@ def test_job_compacts_and_reports(backend, tmp_path):
     assert lat["speedup"] == pytest.approx(lat["dense_ms"] / lat["compacted_ms"], rel=1e-2)
     assert lat["efficiency"] == pytest.approx(lat["speedup"] / lat["macs_speedup"], rel=1e-2)
     assert "compacted" in (out / "report.md").read_text().split("| layer |")[0]
+    # the settings that produced the run, defaults filled in, in both report files
+    assert saved["algorithm_config"] == report["algorithm_config"]
+    assert report["algorithm_config"]["keep_ratio"] == 0.5 and report["algorithm_config"]["allocation"] == "global"
+    assert "| channel setting | value |" in (out / "report.md").read_text()
 
 
 def test_latency_batch_setting(tmp_path):
