@@ -73,11 +73,41 @@ class PruningSession:
         pairs = [(w.grad, m) for w, m in zip(weights, masks) if w.grad is not None]
         if pairs:
             torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
+        # an algorithm whose transform only adds (masked) terms hands them over and they go onto
+        # .grad in place, all layers in one multi-tensor op (``Algorithm.gradient_terms``) instead
+        # of a mask product, a sum and a copy per layer; a transform replaced on the instance
+        # (e.g. a test spy) keeps the generic path
+        if "transform_gradients" not in vars(self.algorithm):
+            terms = self.algorithm.gradient_terms(self.step)
+            if terms is not None:
+                self._add_terms(terms)
+                return
         grads = {n: p.grad for n, p in self._weights.items() if p.grad is not None}
         new = self.algorithm.transform_gradients(self.step, dict(grads))
         for n, g in new.items():
             if g is not grads.get(n):
                 self._weights[n].grad.copy_(g)
+
+    def _add_terms(self, terms) -> None:
+        """``grad += term·mask`` (``grad += term`` for an unmasked layer); the gradients are
+        already masked, so this is the generic path's ``(g + term)·mask``, bit for bit."""
+        masks = self.algorithm.masks
+        masked, plain = ([], [], []), ([], [])
+        for name, term in terms.items():
+            p = self._weights.get(name)
+            if p is None or p.grad is None:
+                continue
+            if name in masks:
+                for lst, x in zip(masked, (p.grad, term, masks[name])):
+                    lst.append(x)
+            else:
+                plain[0].append(p.grad)
+                plain[1].append(term)
+        with torch.no_grad():
+            if masked[0]:
+                torch._foreach_addcmul_(*masked)
+            if plain[0]:
+                torch._foreach_add_(*plain)
 
     def should_step(self) -> bool:
         """Whether to call ``optimizer.step()`` this step (RPG's release semantics skips some)."""

@@ -43,7 +43,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..lowrank import from_rank_ops, matrix_view, to_rank_ops
 from ..schedules import SparsitySchedule
-from ..tracking import batch_scalars, bind_rank_machinery, check_rank_settings, load_rank_machinery, positive, save_rank_machinery
+from ..tracking import batch_scalars, bind_rank_machinery, check_rank_settings, load_rank_machinery, save_rank_machinery
 from ..selection import check_sparsity, residual_rank, topk_mask
 from .base import Algorithm, tensors_from_numpy, tensors_to_numpy
 from .magnitude import magnitude_masks
@@ -206,7 +206,9 @@ class RPGPruner(Algorithm):
         out, loss = {}, 0.0
         for group, stack in tracker.stacks(mats, self.rank_rule):
             energy = batch_scalars(ops, stack)
-            inv = positive(ops, energy) / ops.sqrt(ops.clip(energy, 1e-30, None))  # 1/‖M‖, 0 for M = 0
+            # 1/‖M‖; for M = 0 any finite value gives the same zero term (mn = 0, R = 0), so no
+            # mask of the zero matrices (three kernel launches per group saved)
+            inv = 1.0 / ops.sqrt(ops.clip(energy, 1e-30, None))
             mn = stack * inv
             r = mn - tracker.project(group, mn)
             grad = (mn * batch_scalars(ops, r) - r) * (inv * factor)
