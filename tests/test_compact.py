@@ -151,3 +151,13 @@ def test_torch_deployed_timing(deploy):
     t = backend.inference_latency(h, 4, warmup=1, repeats=2, deploy=deploy)
     assert t["deploy"] == deploy and t["timed"] == 2 and t["median_ms"] > 0
     assert h.model.training  # restored
+
+
+def test_time_side_by_side_interleaves_rounds():
+    from prunekit.timing import time_side_by_side
+    order = []
+    calls = [lambda: order.append("a"), lambda: (order.append("b"), __import__("time").sleep(0.003))]
+    got = time_side_by_side(calls, warmup=1, repeats=2, rounds=2)
+    assert order == ["a", "b"] + ["a", "a", "b", "b"] * 2  # warm-up each, then every model in turn per round
+    assert [t["timed"] for t in got] == [4, 4]
+    assert got[1]["min_ms"] >= 3.0 > got[0]["median_ms"]

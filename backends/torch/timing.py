@@ -2,9 +2,7 @@
 
 ``time_inference(handles, batch)`` runs each model in eval mode without gradients on one random
 batch of its input shape and returns, per model, the median and fastest of its timed batches
-(CUDA synchronised). The models are timed side by side: after ``warmup`` untimed calls each,
-``rounds`` rounds each time ``repeats`` calls of every model in turn, so a slow spell of a shared
-machine falls on all of them alike. How the models run (``deploy``):
+(CUDA synchronised), timed side by side by :func:`prunekit.timing.time_side_by_side`. How the models run (``deploy``):
 
 * ``"eager"``: the ``nn.Module`` itself;
 * ``"frozen"``: traced, frozen and ``optimize_for_inference``-d TorchScript (BatchNorm folded into
@@ -18,11 +16,11 @@ machine falls on all of them alike. How the models run (``deploy``):
 """
 from __future__ import annotations
 
-import statistics
-import time
 from typing import List, Sequence
 
 import torch
+
+from prunekit.timing import time_side_by_side
 
 DEPLOYS = ("eager", "frozen", "compiled")
 
@@ -45,30 +43,24 @@ def time_inference(handles: Sequence, batch: int, warmup: int = 2, repeats: int 
     inputs = [torch.randn((int(batch),) + tuple(h.input_shape), device=p.device, dtype=p.dtype)
               for h, p in zip(handles, params)]
     cuda = any(p.device.type == "cuda" for p in params)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    times: List[List[float]] = [[] for _ in handles]
+
+    def call(run, x):
+        def once():
+            run(x)
+            if cuda:
+                torch.cuda.synchronize()
+        return once
     try:
         for m in models:
             m.eval()
         with torch.no_grad(), torch._dynamo.config.patch(automatic_dynamic_shapes=False,
                                                          cache_size_limit=max(8, 2 * len(models))):
             runners = [_runner(m, x, deploy) for m, x in zip(models, inputs)]
-            for run, x in zip(runners, inputs):
-                for _ in range(int(warmup)):
-                    run(x)
-            sync()
-            for _ in range(int(rounds)):
-                for i, (run, x) in enumerate(zip(runners, inputs)):
-                    for _ in range(int(repeats)):
-                        t0 = time.perf_counter()
-                        run(x)
-                        sync()
-                        times[i].append(time.perf_counter() - t0)
+            stats = time_side_by_side([call(r, x) for r, x in zip(runners, inputs)], warmup, repeats, rounds)
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)
-    return [{"median_ms": statistics.median(t) * 1e3, "min_ms": min(t) * 1e3, "batch": int(batch), "deploy": deploy,
-             "timed": len(t)} for t in times]
+    return [{**t, "batch": int(batch), "deploy": deploy} for t in stats]
 
 
 def inference_latency(handle, batch: int, warmup: int = 2, repeats: int = 5, deploy: str = "eager") -> dict:
