@@ -338,14 +338,15 @@ def _latency(backend, dense, small, before: dict, after: dict, batch: int, echo)
 
 def _start_data_parallel(cfg: RunConfig, echo):
     """Data parallel under torchrun / msrun (``cfg.distributed``, or detected when None): joins the
-    process group; ranks other than 0 print nothing, show no progress and write no checkpoints."""
+    process group; ranks other than 0 print nothing, show no progress, write no checkpoints and time
+    no inference after compaction."""
     comm = start_distributed(get_backend(cfg.backend), cfg.distributed, cfg.device)
     if comm is None:
         return cfg, echo, None
     check_batch_size(cfg.batch_size, comm.size)
     cfg = dataclasses.replace(cfg, device=comm.model_device(cfg.device))
     if not comm.is_main:
-        cfg = dataclasses.replace(cfg, progress=False, checkpoint_every=0)
+        cfg = dataclasses.replace(cfg, progress=False, checkpoint_every=0, latency_batch=0)
         echo = _silent
     return cfg, echo, comm
 
