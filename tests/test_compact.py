@@ -148,7 +148,7 @@ def test_time_inference_side_by_side(backend):
 def test_torch_deployed_timing(deploy):
     backend = get_backend("torch")
     h = backend.model_handle("mnist_cnn", 10, 1, 28, seed=0)
-    t = backend.inference_latency(h, 4, warmup=1, repeats=2, deploy=deploy)
+    [t] = backend.time_inference([h], 4, warmup=1, repeats=2, deploy=deploy)
     assert t["deploy"] == deploy and t["timed"] == 2 and t["median_ms"] > 0
     assert h.model.training  # restored
 

@@ -54,7 +54,7 @@ from .driver import (Adam, PruningCallback, PruningSession, PruningTrainOneStepC
                      make_optimizer)
 from .layers import MindSporeModelHandle, discover_layers  # noqa: E402
 from .compact import compact  # noqa: E402
-from .timing import inference_latency, time_inference  # noqa: E402
+from .timing import time_inference  # noqa: E402
 from . import checkpoint  # noqa: E402
 from .models import build_model  # noqa: E402
 from .ops import MindSporeOps, check_device  # noqa: E402

@@ -4,9 +4,9 @@
 (PyNative pays about a millisecond per op, which would hide the arithmetic) in eval mode on one
 random batch of its input shape and returns, per model, the median and fastest of its timed
 batches, each waited for (``asnumpy``), timed side by side by
-:func:`prunekit.timing.time_side_by_side` (at least one warm-up call: the first compiles). ``deploy`` is
-accepted for the PyTorch backend's signature; MindSpore's is always the compiled graph ("jit").
-``inference_latency(handle, batch)`` is the same for one model. Train flags are restored.
+:func:`prunekit.timing.time_side_by_side` (at least one warm-up call: the first compiles).
+``deploy`` is accepted for the PyTorch backend's signature; MindSpore's is always the compiled
+graph ("jit"). Train flags are restored.
 """
 from __future__ import annotations
 
@@ -50,6 +50,3 @@ def time_inference(handles: Sequence, batch: int, warmup: int = 2, repeats: int 
             m.set_train(mode)
     return [{**t, "batch": int(batch), "deploy": "jit"} for t in stats]
 
-
-def inference_latency(handle, batch: int, warmup: int = 2, repeats: int = 5, deploy: str = "jit") -> dict:
-    return time_inference([handle], batch, warmup, repeats, deploy)[0]

@@ -3,7 +3,7 @@ from .driver import PruningSession, Trainer, make_optimizer
 from . import checkpoint
 from .layers import TorchModelHandle, discover_layers
 from .compact import compact
-from .timing import inference_latency, time_inference
+from .timing import time_inference
 from .models import build_model
 from .surgery import apply_decompositions
 from .ops import TorchOps

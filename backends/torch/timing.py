@@ -2,7 +2,8 @@
 
 ``time_inference(handles, batch)`` runs each model in eval mode without gradients on one random
 batch of its input shape and returns, per model, the median and fastest of its timed batches
-(CUDA synchronised), timed side by side by :func:`prunekit.timing.time_side_by_side`. How the models run (``deploy``):
+(CUDA synchronised), timed side by side by :func:`prunekit.timing.time_side_by_side`. How the
+models run (``deploy``):
 
 * ``"eager"``: the ``nn.Module`` itself;
 * ``"frozen"``: traced, frozen and ``optimize_for_inference``-d TorchScript (BatchNorm folded into
@@ -11,8 +12,7 @@ batch of its input shape and returns, per model, the median and fastest of its t
   pre-packed, additions and activations fused into generated kernels), each model compiled for
   its own static shapes (no automatic dynamic shapes, a cache large enough for all of them).
 
-``inference_latency(handle, batch)`` is the same for one model. The models are left as they were
-(eval/train mode restored).
+The models are left as they were (eval/train mode restored).
 """
 from __future__ import annotations
 
@@ -62,6 +62,3 @@ def time_inference(handles: Sequence, batch: int, warmup: int = 2, repeats: int 
             m.train(mode)
     return [{**t, "batch": int(batch), "deploy": deploy} for t in stats]
 
-
-def inference_latency(handle, batch: int, warmup: int = 2, repeats: int = 5, deploy: str = "eager") -> dict:
-    return time_inference([handle], batch, warmup, repeats, deploy)[0]
