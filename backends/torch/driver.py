@@ -92,22 +92,15 @@ class PruningSession:
         """``grad += term·mask`` (``grad += term`` for an unmasked layer); the gradients are
         already masked, so this is the generic path's ``(g + term)·mask``, bit for bit."""
         masks = self.algorithm.masks
-        masked, plain = ([], [], []), ([], [])
-        for name, term in terms.items():
-            p = self._weights.get(name)
-            if p is None or p.grad is None:
-                continue
-            if name in masks:
-                for lst, x in zip(masked, (p.grad, term, masks[name])):
-                    lst.append(x)
-            else:
-                plain[0].append(p.grad)
-                plain[1].append(term)
+        grads = {n: self._weights[n].grad for n in terms if n in self._weights and self._weights[n].grad is not None}
+        masked = [n for n in grads if n in masks]
+        plain = [n for n in grads if n not in masks]
         with torch.no_grad():
-            if masked[0]:
-                torch._foreach_addcmul_(*masked)
-            if plain[0]:
-                torch._foreach_add_(*plain)
+            if masked:
+                torch._foreach_addcmul_([grads[n] for n in masked], [terms[n] for n in masked],
+                                        [masks[n] for n in masked])
+            if plain:
+                torch._foreach_add_([grads[n] for n in plain], [terms[n] for n in plain])
 
     def should_step(self) -> bool:
         """Whether to call ``optimizer.step()`` this step (RPG's release semantics skips some)."""
