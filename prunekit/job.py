@@ -11,6 +11,7 @@ Every setting is validated before data is read or a file is written.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -360,19 +361,9 @@ def _sizes(before: dict, after: dict) -> dict:
 def _config_record(config) -> dict:
     """The algorithm's effective settings (its config dataclass, defaults filled in), as JSON
     values: what produced the run, recorded in its report."""
-    def plain(v):
-        if isinstance(v, (bool, int, float, str)) or v is None:
-            return v
-        if isinstance(v, dict):
-            return {str(k): plain(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if hasattr(v, "item"):
-            return v.item()
-        return str(v)
-    if dataclasses.is_dataclass(config):
-        return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
-    return {}
+    if not dataclasses.is_dataclass(config):
+        return {}
+    return json.loads(json.dumps(dataclasses.asdict(config), default=repr))
 
 
 def _silent(*args, **kwargs) -> None:
