@@ -46,6 +46,12 @@ def _fmt_count(n: float) -> str:
     return f"{n:.0f}"
 
 
+def _latencies(report: dict) -> list:
+    """The dense-vs-narrow inference timings the job recorded (after compaction, or at
+    initialization for PreCropping)."""
+    return [s["latency"] for s in (report.get("compaction"), report.get("at_initialization")) if s and s.get("latency")]
+
+
 def format_report(report: dict, max_layers: int = 60) -> str:
     t = report["totals"]
     lines = []
@@ -78,10 +84,8 @@ def format_report(report: dict, max_layers: int = 60) -> str:
         lines.append(f"decomposition ({dec['scheme']}, singular values >= {dec['threshold']}): parameters "
                      f"{dec['params_before']:,} -> {dec['params_after']:,}, MACs {_fmt_count(dec['macs_before'])} -> "
                      f"{_fmt_count(dec['macs_after'])} ({dec['flops_reduction']:.2f}x fewer)")
-    for where in ("compaction", "at_initialization"):
-        lat = (report.get(where) or {}).get("latency")
-        if lat:
-            lines.append(f"inference latency (batch {lat['batch']}, median): dense {lat['dense_ms']:.1f} ms, compacted "
+    for lat in _latencies(report):
+        lines.append(f"inference latency (batch {lat['batch']}, median): dense {lat['dense_ms']:.1f} ms, compacted "
                          f"{lat['compacted_ms']:.1f} ms: {lat['speedup']:.2f}x faster for {lat['macs_speedup']:.2f}x "
                          f"fewer MACs")
     acc = report.get("accuracy", {})
@@ -113,12 +117,10 @@ def report_markdown(report: dict) -> str:
             f"| non-zero / all parameters | {t['total_nonzero']:,} / {t['total_params']:,} |",
             f"| dense MACs per sample | {t['dense_macs']:,} |",
             f"| effective MACs per sample | {t['effective_macs']:,} |"]
-    for where in ("compaction", "at_initialization"):
-        lat = (report.get(where) or {}).get("latency")
-        if lat:
-            out += [f"| inference ms, batch {lat['batch']}, dense / compacted (median) | "
-                    f"{lat['dense_ms']:.1f} / {lat['compacted_ms']:.1f} |",
-                    f"| realised / MACs speed-up | {lat['speedup']:.2f}x / {lat['macs_speedup']:.2f}x |"]
+    for lat in _latencies(report):
+        out += [f"| inference ms, batch {lat['batch']}, dense / compacted (median) | "
+                f"{lat['dense_ms']:.1f} / {lat['compacted_ms']:.1f} |",
+                f"| realised / MACs speed-up | {lat['speedup']:.2f}x / {lat['macs_speedup']:.2f}x |"]
     out.append("")
     out += ["| layer | kind | shape | params | non-zero | sparsity | kept out-channels | effective MACs |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
