@@ -3,6 +3,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch 2.14.1 + torchvision 0.29.1 is the newest pair pip offers here; MindSpore needs NumPy 1.x
+# where the data sets live: the library has no built-in path, so the targets say where CIFAR-10 is
+export PRUNEKIT_DATA ?= $(abspath ../shared/datasets)
 FRAMEWORKS := "torch==2.14.1" "torchvision==0.29.1" "mindspore==2.10.0" "numpy<2"
 
 .PHONY: setup demo test conformance bench

@@ -4,7 +4,7 @@ ResNet-20 on the full CIFAR-10 training set (50,000 images, batch 128: 390 steps
 the pruning phase with an algorithm bound (magnitude or RPG, masks set), on the CPU. The job
 checkpoints once per epoch by default, so the overhead is (one checkpoint write) / (one epoch).
 The epoch time is extrapolated from ``--steps`` measured training steps (steps x 390); the
-checkpoint is written with the job's own code (:class:`prunekit.progress.RunProgress.save`:
+checkpoint is written with the job's own code (:class:`prunekit.app.run_state.RunProgress.save`:
 model, optimizer, algorithm state, random states, atomic write with fsync) ``--saves`` times,
 and read back (what ``--resume`` does first) as many times. A trajectory record (sparsity
 measured from the masks, mean rank; one every 39 steps by default) is timed as well.
@@ -24,12 +24,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from prunekit import checkpoint as ckpt  # noqa: E402
-from prunekit import data  # noqa: E402
+from prunekit.app import checkpoint as ckpt  # noqa: E402
+from prunekit.app import data  # noqa: E402
 from prunekit.algorithms import make_algorithm  # noqa: E402
-from prunekit.backend import get_backend  # noqa: E402
-from prunekit.job import RunConfig  # noqa: E402
-from prunekit.progress import RunProgress  # noqa: E402
+from prunekit.contract.backend import get_backend  # noqa: E402
+from prunekit.app.job import RunConfig  # noqa: E402
+from prunekit.app.run_state import RunProgress  # noqa: E402
 from results import machine, write_section  # noqa: E402
 
 BATCH = 128

@@ -1,6 +1,6 @@
 """Accuracy of RPG, TRP and gradual magnitude pruning on real CIFAR-10, side by side.
 
-Runs the main job (``prunekit.job.run``) for each configuration with the same data, model,
+Runs the main job (``prunekit.app.job.run``) for each configuration with the same data, model,
 seed, epochs and learning-rate schedule, and records the final-epoch test accuracy at the final
 sparsity (never the best epoch), with the measured sparsity / FLOPs from the report.
 
@@ -20,7 +20,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from prunekit.job import RunConfig, run  # noqa: E402
+from prunekit.app.job import RunConfig, run  # noqa: E402
 from results import machine, write_section  # noqa: E402
 
 CONFIGS = [

@@ -2,7 +2,7 @@
 
 The GPU machine takes at most 64 MiB per call, and the two zips together are 62 MiB beside the
 repository, so they travel in two calls and are unpacked there into the standard layout that
-``prunekit.data.load_dataset`` reads (``data_batch_1..5`` from train.zip, ``test_batch`` from test.zip).
+``prunekit.app.data.load_dataset`` reads (``data_batch_1..5`` from train.zip, ``test_batch`` from test.zip).
 
     python benchmarks/cifar_zip_to_batches.py ZIP_FOLDER OUT_FOLDER train|test
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from prunekit.data import _load_cifar10_zip  # noqa: E402
+from prunekit.app.data import _load_cifar10_zip  # noqa: E402
 
 
 def main(zip_folder: str, out: str, split: str) -> None:

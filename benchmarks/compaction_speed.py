@@ -32,10 +32,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from prunekit.algorithms.channel import choose_channels  # noqa: E402
-from prunekit.backend import get_backend  # noqa: E402
-from prunekit.channels import find_channel_groups  # noqa: E402
+from prunekit.contract.backend import get_backend  # noqa: E402
+from prunekit.decisions.channel_groups import find_channel_groups  # noqa: E402
 from prunekit.errors import ModelError  # noqa: E402
-from prunekit.flops import count_model  # noqa: E402
+from prunekit.decisions.flops import count_model  # noqa: E402
 
 
 def _handle(backend, backend_name: str, model: str, device: str, tv_image: int):
@@ -44,7 +44,7 @@ def _handle(backend, backend_name: str, model: str, device: str, tv_image: int):
             return None
         import torch
         import torchvision
-        from backends.torch.layers import TorchModelHandle
+        from prunekit.backends.torch.layers import TorchModelHandle
 
         torch.manual_seed(0)
         name = model[3:]

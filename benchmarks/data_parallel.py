@@ -34,10 +34,10 @@ VENV_BIN = os.path.dirname(sys.executable)
 
 
 def worker(args) -> None:
-    from prunekit import data as datasets
+    from prunekit.app import data as datasets
     from prunekit.algorithms import make_algorithm
-    from prunekit.backend import get_backend
-    from prunekit.distributed import start_distributed, trainer_class
+    from prunekit.contract.backend import get_backend
+    from prunekit.app.distributed import start_distributed, trainer_class
 
     backend = get_backend(args.backend)
     comm = start_distributed(backend)

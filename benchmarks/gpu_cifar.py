@@ -29,15 +29,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import backends.torch as pk  # noqa: E402
-from prunekit import data as datasets  # noqa: E402
+import prunekit.backends.torch as pk  # noqa: E402
+from prunekit.app import data as datasets  # noqa: E402
 from prunekit.algorithms import make_algorithm  # noqa: E402
 from prunekit.algorithms.magnitude import MagnitudeConfig  # noqa: E402
 from prunekit.algorithms.rpg import RPGConfig  # noqa: E402
 from prunekit.algorithms.trp import TRPConfig  # noqa: E402
-from prunekit.decompose import plan_decompositions  # noqa: E402
-from prunekit.flops import count_model  # noqa: E402
-from prunekit.schedules import LearningRateSchedule  # noqa: E402
+from prunekit.app.decompose import plan_decompositions  # noqa: E402
+from prunekit.decisions.flops import count_model  # noqa: E402
+from prunekit.decisions.schedules import LearningRateSchedule  # noqa: E402
 
 
 def gpu_batches(x_u8, y, mean, std, batch, seed, epoch, augment, generator_device):

@@ -6,7 +6,7 @@ here, and the step's cost does not depend on pixel values). Trainers: plain SGD,
 rank term every step (``rank_every = 1``, fixed masks inside the window so the ratio isolates the
 rank machinery) and TRP acting every step (``m = 1``), each with the given spectrum methods;
 ``exact`` (batched full SVD) is the full-SVD figure beside them; ``tracked@N/L`` solves every N
-steps on the host, installed L steps later (prunekit/tracking.py). Steps alternate between the
+steps on the host, installed L steps later (prunekit/decisions/spectrum_tracking.py). Steps alternate between the
 trainers in blocks; medians of per-step times (CUDA-synchronised) are compared.
 
     python benchmarks/gpu_rank_overhead.py [--model resnet50] [--methods tracked,gram,exact] [--tracked 10:8,20:16]
@@ -27,7 +27,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
 
-from backends.torch import PruningSession, TorchModelHandle, model_handle  # noqa: E402
+from prunekit.backends.torch import PruningSession, TorchModelHandle, model_handle  # noqa: E402
 from prunekit.algorithms.rpg import RPGConfig, RPGPruner  # noqa: E402
 from prunekit.algorithms.trp import TRPConfig, TRPPruner  # noqa: E402
 

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.results import machine, write_section  # noqa: E402
-from prunekit.job import RunConfig, run  # noqa: E402
+from prunekit.app.job import RunConfig, run  # noqa: E402
 
 CONFIGS = [("channels", {"structure": "channels"}), ("unstructured", {"structure": "unstructured"})]
 

@@ -21,10 +21,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from prunekit import data  # noqa: E402
+from prunekit.app import data  # noqa: E402
 from prunekit.algorithms.rpg import RPGConfig, RPGPruner  # noqa: E402
 from prunekit.algorithms.trp import TRPConfig, TRPPruner  # noqa: E402
-from prunekit.backend import get_backend  # noqa: E402
+from prunekit.contract.backend import get_backend  # noqa: E402
 from results import machine, write_section  # noqa: E402
 
 

@@ -23,10 +23,10 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from prunekit import data  # noqa: E402
+from prunekit.app import data  # noqa: E402
 from prunekit.algorithms.sdprun import SDPrunConfig, SDPrunPruner  # noqa: E402
-from prunekit.backend import get_backend  # noqa: E402
-from prunekit.flops import count_model  # noqa: E402
+from prunekit.contract.backend import get_backend  # noqa: E402
+from prunekit.decisions.flops import count_model  # noqa: E402
 
 
 def accuracy(handle, ds, limit=None):

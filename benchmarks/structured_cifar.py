@@ -1,6 +1,6 @@
 """Issue #4's CIFAR-10 comparisons on a shortened CPU schedule, each beside the channel baseline.
 
-Every figure comes from a ``prunekit.job.run`` report (the job's own ``report.json``), one run
+Every figure comes from a ``prunekit.app.job.run`` report (the job's own ``report.json``), one run
 after another, because each channel-magnitude baseline (``--algorithm channel``) is run at the
 FLOPs fraction the method beside it actually reached (read from that method's report), with the
 same total epochs:
@@ -34,8 +34,8 @@ sys.path.insert(0, ROOT)
 
 from benchmarks.results import machine, write_section  # noqa: E402
 from prunekit.algorithms.sdprun import grda_lambda  # noqa: E402
-from prunekit.data import num_batches  # noqa: E402
-from prunekit.job import RunConfig, run  # noqa: E402
+from prunekit.app.data import num_batches  # noqa: E402
+from prunekit.app.job import RunConfig, run  # noqa: E402
 
 COMPARISONS = ("dsa20", "dsa56", "precrop", "sdprun")
 #: sDprun's published CIFAR-10 accuracy for VGG-16 (the issue's reference)

@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 from prunekit.algorithms.magnitude import magnitude_masks
-from prunekit.selection import energy_rank, keep_count
+from prunekit.decisions.selection import energy_rank, keep_count
 
 from .fixtures import DEPTHWISE_GROUPS, ArrayHandle, rng, weight_scenarios
 
@@ -393,7 +393,7 @@ def _rpg_rank_term(backend, scenario: str, spectrum: str, rank_on: str = "device
 
 def _ref_rpg_rank_term(scenario: str) -> Outputs:
     """RPG's k and ∂(mean_l −‖Mn − Ŵ‖²)/∂W by NumPy SVD in float64 and the chain rule."""
-    from prunekit.selection import residual_rank
+    from prunekit.decisions.selection import residual_rank
 
     weights = _conv_weights(scenario)
     convs = [n for n, w in weights.items() if w.ndim == 4]
@@ -458,7 +458,7 @@ def _trp_step(backend, scenario: str, scheme: str, rank_on: str = "device", spec
 
 
 def _ref_trp_step(scenario: str, scheme: str) -> Outputs:
-    from prunekit.selection import energy_rank
+    from prunekit.decisions.selection import energy_rank
 
     out = {}
     for n, w in _conv_weights(scenario).items():
@@ -484,7 +484,7 @@ def _ref_trp_step(scenario: str, scheme: str) -> Outputs:
 
 def _trp_decomposition(backend, model: str, scheme: str) -> Outputs:
     """Decompose identical weights on each backend; compare ranks, factors and outputs."""
-    from prunekit.decompose import plan_decompositions
+    from prunekit.app.decompose import plan_decompositions
 
     handle = backend.model_handle(model, seed=21)
     x = rng(22).standard_normal((4, 3, 32, 32)).astype(np.float32)
@@ -502,7 +502,7 @@ TRAIN_LR = 0.01
 
 
 def _training_run(backend) -> Outputs:
-    from prunekit import data
+    from prunekit.app import data
     from prunekit.algorithms.magnitude import MagnitudeConfig, MagnitudePruner
 
     ds = data.load_dataset("cifar10", train_limit=64, test_limit=10)
@@ -520,7 +520,7 @@ def _training_run(backend) -> Outputs:
 
 
 def _cycle(first, ds):
-    from prunekit import data
+    from prunekit.app import data
     yield from first
     epoch = 1
     while True:
@@ -547,7 +547,7 @@ def all_cases() -> List[Case]:
     grad_tol = {"grad": Tol("close", atol=1e-5, rtol=1e-3)}
     for scenario in RANK_SCENARIOS:
         # the rank term on the framework's device and on the host (NumPy), where MindSpore-on-CPU runs it
-        # "tracked": the accelerators' path (prunekit/tracking.py), whose solve runs on the host
+        # "tracked": the accelerators' path (prunekit/decisions/spectrum_tracking.py), whose solve runs on the host
         for spectrum, rank_on in (("exact", "device"), ("gram", "device"), ("gram", "host"), ("tracked", "device")):
             cases.append(Case(f"decisions/rpg_rank_term/{spectrum}-{rank_on}/{scenario}", "decisions",
                               lambda b, s=scenario, m=spectrum, o=rank_on: _rpg_rank_term(b, s, m, o),
@@ -589,7 +589,7 @@ def all_cases() -> List[Case]:
 # ----------------------------------------------------------------------------------- sDprun
 def _sdprun_arrays():
     """Layer weights with filters near and under the threshold, and a two-producer channel group."""
-    from prunekit.channels import ChannelGroup
+    from prunekit.decisions.channel_groups import ChannelGroup
 
     r = rng(31)
     w = {"a": r.standard_normal((6, 3, 3, 3)), "b": r.standard_normal((6, 6, 1, 1)) * 0.5,
@@ -657,7 +657,7 @@ SDPRUN_TRAIN_STEPS = 6
 
 def _sdprun_training(backend) -> Outputs:
     """A few real sDprun steps on MNIST (mnist_cnn, channel groups found from the model)."""
-    from prunekit import data
+    from prunekit.app import data
     from prunekit.algorithms.sdprun import SDPrunConfig, SDPrunPruner
 
     ds = data.load_dataset("mnist", train_limit=128, test_limit=10)
@@ -724,9 +724,9 @@ def _precrop_from_scores(backend, model: str) -> Outputs:
     """Identical NumPy scores (with ties) into each backend's global threshold, then the channel
     plan: every decision must be bitwise identical (and equal to the NumPy tie rule)."""
     from prunekit.algorithms.precrop import plan_channels, scored_layers
-    from prunekit.channels import find_channel_groups
-    from prunekit.pai import layer_densities
-    from prunekit.selection import global_topk_masks
+    from prunekit.decisions.channel_groups import find_channel_groups
+    from prunekit.decisions.pai_scores import layer_densities
+    from prunekit.decisions.selection import global_topk_masks
 
     handle = backend.model_handle(model, 10, 3, 32, seed=0)
     ops = handle.ops
@@ -744,7 +744,7 @@ def _precrop_from_scores(backend, model: str) -> Outputs:
 def _precrop_autograd(backend, model: str, score: str) -> Outputs:
     """Scores from each framework's autograd (identical weights and batch), then the decisions."""
     from prunekit.algorithms.precrop import PreCropPruner
-    from prunekit.channels import find_channel_groups
+    from prunekit.decisions.channel_groups import find_channel_groups
 
     handle = backend.model_handle(model, 10, 3, 32, seed=0)
     r = rng(53)
@@ -852,7 +852,7 @@ def _dsa_allocation(backend) -> Outputs:
 def _dsa_training(backend) -> Outputs:
     """A few bi-level DSA steps on real CIFAR-10 (weights on 90 %, α on 10 %) from identical
     weights and batches; keep ratios during the search and the final channels."""
-    from prunekit import data
+    from prunekit.app import data
     from prunekit.algorithms.dsa import DSAConfig, DSAPruner
 
     ds = data.load_dataset("cifar10", train_limit=160, test_limit=10)
@@ -918,7 +918,7 @@ def _channel_groups(backend, model: str, in_ch: int, size: int) -> Outputs:
     """The dependency groups found by each backend's probe, as integer codes per group name."""
     import importlib
 
-    from prunekit.channels import find_channel_groups
+    from prunekit.decisions.channel_groups import find_channel_groups
 
     handle = backend.model_handle(model, 10, in_ch, size, seed=41)
     norms = importlib.import_module(backend.__name__ + ".channels").norm_layers(handle)
@@ -935,8 +935,8 @@ def _channel_compaction(backend, model: str, in_ch: int, size: int) -> Outputs:
     baseline from them (host float64: bitwise), compacted on each backend: kept channels, new
     layer shapes and MACs exact, logits within float32 noise."""
     from prunekit.algorithms.channel import choose_channels
-    from prunekit.channels import find_channel_groups
-    from prunekit.flops import count_model
+    from prunekit.decisions.channel_groups import find_channel_groups
+    from prunekit.decisions.flops import count_model
 
     handle = backend.model_handle(model, 10, in_ch, size, seed=42)
     r = rng(43)

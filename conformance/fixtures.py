@@ -1,6 +1,6 @@
 """Inputs shared by the conformance cases: seeded NumPy arrays and an in-memory model handle.
 
-:class:`ArrayHandle` is a :class:`~prunekit.handle.ModelHandle` over plain tensors of one
+:class:`ArrayHandle` is a :class:`~prunekit.contract.handle.ModelHandle` over plain tensors of one
 backend, so decision cases can run the real algorithms on chosen weights (ties, zeros,
 rank-deficient matrices) without building a network.
 """
@@ -10,8 +10,8 @@ from typing import Dict, List
 
 import numpy as np
 
-from prunekit.handle import ModelHandle
-from prunekit.layers import LayerInfo
+from prunekit.contract.handle import ModelHandle
+from prunekit.contract.layers import LayerInfo
 
 
 def rng(*key: int) -> np.random.Generator:

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from prunekit.backend import get_backend
+from prunekit.contract.backend import get_backend
 from prunekit.errors import BackendUnavailable
 
 from .cases import Case, Tol, all_cases

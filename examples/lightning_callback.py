@@ -1,6 +1,6 @@
 """Prune inside PyTorch Lightning with one callback, then export the pruned model to ONNX.
 
-``backends.torch.lightning.PruningCallback`` drives any prunekit algorithm from Lightning's
+``prunekit.backends.torch.lightning.PruningCallback`` drives any prunekit algorithm from Lightning's
 hooks; the LightningModule, optimizer and data loader are yours. Here: ResNet-20 on a CIFAR-10
 subset, RPG (rank-based adversarial pruning) at 80 % with its ``release`` semantics (which
 skips the optimizer step before each mask update: the callback handles that too), then the
@@ -21,12 +21,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import lightning.pytorch as pl  # noqa: E402
 
-from backends.torch.export import export_onnx  # noqa: E402
-from backends.torch.lightning import PruningCallback  # noqa: E402
-from backends.torch.models import build_model  # noqa: E402
-from prunekit import data  # noqa: E402
+from prunekit.backends.torch.export import export_onnx  # noqa: E402
+from prunekit.backends.torch.lightning import PruningCallback  # noqa: E402
+from prunekit.backends.torch.models import build_model  # noqa: E402
+from prunekit.app import data  # noqa: E402
 from prunekit.algorithms import make_algorithm  # noqa: E402
-from prunekit.report import build_report, format_report  # noqa: E402
+from prunekit.app.report import build_report, format_report  # noqa: E402
 
 
 class CifarClassifier(pl.LightningModule):
@@ -45,7 +45,7 @@ class CifarClassifier(pl.LightningModule):
 
 
 def loader(x, y, batch, shuffle, augment, ds, epochs=1):
-    """The NumPy batches of prunekit.data as a DataLoader (each item is already a batch)."""
+    """The NumPy batches of prunekit.app.data as a DataLoader (each item is already a batch)."""
     items = [(torch.from_numpy(a), torch.from_numpy(b))
              for e in range(epochs)
              for a, b in data.batches(x, y, batch, seed=0, epoch=e, shuffle=shuffle, augment=augment,

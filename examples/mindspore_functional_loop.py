@@ -16,12 +16,12 @@ import mindspore as ms  # noqa: E402
 import mindspore.nn as nn  # noqa: E402
 import mindspore.ops as ops  # noqa: E402
 
-import backends.mindspore  # noqa: E402,F401  (chooses the device: CPU unless PRUNEKIT_MS_DEVICE says otherwise)
-from backends.mindspore import MindSporeModelHandle, PruningSession  # noqa: E402
-from backends.mindspore.models import build_model  # noqa: E402
-from prunekit import data  # noqa: E402
+import prunekit.backends.mindspore  # noqa: E402,F401  (chooses the device: CPU unless PRUNEKIT_MS_DEVICE says otherwise)
+from prunekit.backends.mindspore import MindSporeModelHandle, PruningSession  # noqa: E402
+from prunekit.backends.mindspore.models import build_model  # noqa: E402
+from prunekit.app import data  # noqa: E402
 from prunekit.algorithms import make_algorithm  # noqa: E402
-from prunekit.report import build_report, format_report  # noqa: E402
+from prunekit.app.report import build_report, format_report  # noqa: E402
 
 
 def main(argv=None):

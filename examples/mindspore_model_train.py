@@ -18,10 +18,10 @@ import mindspore.dataset as msds  # noqa: E402
 import mindspore.nn as nn  # noqa: E402
 from mindspore.train import Model  # noqa: E402
 
-import backends.mindspore  # noqa: E402,F401
-from backends.mindspore import MindSporeModelHandle, PruningCallback, PruningSession, PruningTrainOneStepCell  # noqa: E402
-from backends.mindspore.models import build_model  # noqa: E402
-from prunekit import data  # noqa: E402
+import prunekit.backends.mindspore  # noqa: E402,F401
+from prunekit.backends.mindspore import MindSporeModelHandle, PruningCallback, PruningSession, PruningTrainOneStepCell  # noqa: E402
+from prunekit.backends.mindspore.models import build_model  # noqa: E402
+from prunekit.app import data  # noqa: E402
 from prunekit.algorithms import make_algorithm  # noqa: E402
 
 

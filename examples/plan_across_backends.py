@@ -18,8 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mindspore as ms  # noqa: E402
 import torch  # noqa: E402
 
-import backends.mindspore as pk_ms  # noqa: E402
-import backends.torch as pk_torch  # noqa: E402
+import prunekit.backends.mindspore as pk_ms  # noqa: E402
+import prunekit.backends.torch as pk_torch  # noqa: E402
 from prunekit import PruningPlan  # noqa: E402
 from prunekit.algorithms import apply_plan  # noqa: E402
 from prunekit.algorithms.magnitude import MagnitudePruner  # noqa: E402

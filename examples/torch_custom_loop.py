@@ -15,11 +15,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from backends.torch import PruningSession, TorchModelHandle  # noqa: E402
-from backends.torch.models import build_model  # noqa: E402
-from prunekit import data  # noqa: E402
+from prunekit.backends.torch import PruningSession, TorchModelHandle  # noqa: E402
+from prunekit.backends.torch.models import build_model  # noqa: E402
+from prunekit.app import data  # noqa: E402
 from prunekit.algorithms import make_algorithm  # noqa: E402
-from prunekit.report import build_report, format_report  # noqa: E402
+from prunekit.app.report import build_report, format_report  # noqa: E402
 
 
 def main():

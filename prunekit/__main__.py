@@ -1,6 +1,6 @@
 """``python -m prunekit`` runs the command line."""
 import sys
 
-from .cli import main
+from prunekit.app.cli import main
 
 sys.exit(main())

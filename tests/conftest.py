@@ -1,8 +1,8 @@
 """Shared test setup: the repository root on ``sys.path`` and a per-backend ``Ops`` fixture.
 
-``neutral_ops`` runs a test once per backend listed in :data:`prunekit.backend.BACKENDS` and
+``neutral_ops`` runs a test once per backend listed in :data:`prunekit.contract.backend.BACKENDS` and
 skips the backends whose framework or adapter cannot be loaded here, so tests written only
-against :class:`prunekit.ops.Ops` cover every backend that works in this environment.
+against :class:`prunekit.contract.ops.Ops` cover every backend that works in this environment.
 """
 import os
 import sys
@@ -13,8 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from prunekit.backend import BACKENDS, get_backend  # noqa: E402
-from prunekit.ops import Ops  # noqa: E402
+from prunekit.contract.backend import BACKENDS, get_backend  # noqa: E402
+from prunekit.contract.ops import Ops  # noqa: E402
 
 _OPS_CACHE = {}
 #: in CI (or with PRUNEKIT_REQUIRE_BACKENDS=1) a backend that cannot load fails its tests

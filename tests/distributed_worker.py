@@ -22,10 +22,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from prunekit import data as datasets  # noqa: E402
+from prunekit.app import data as datasets  # noqa: E402
 from prunekit.algorithms import make_algorithm  # noqa: E402
-from prunekit.backend import get_backend  # noqa: E402
-from prunekit.distributed import start_distributed, trainer_class, world  # noqa: E402
+from prunekit.contract.backend import get_backend  # noqa: E402
+from prunekit.app.distributed import start_distributed, trainer_class, world  # noqa: E402
 
 TRAIN_IMAGES = 256
 GLOBAL_BATCH = 64

@@ -8,12 +8,12 @@ import pytest
 
 from prunekit.algorithms import make_algorithm
 from prunekit.algorithms.channel import ChannelConfig, MacModel, choose_channels, group_scores
-from prunekit.backend import get_backend
-from prunekit.channels import compact_with_plan, find_channel_groups
+from prunekit.contract.backend import get_backend
+from prunekit.decisions.channel_groups import compact_with_plan, find_channel_groups
 from prunekit.errors import ConfigError, ModelError
-from prunekit.flops import count_model
-from prunekit.job import RunConfig, run
-from prunekit.plan import PruningPlan
+from prunekit.decisions.flops import count_model
+from prunekit.app.job import RunConfig, run
+from prunekit.decisions.plan import PruningPlan
 
 
 def _handle(backend_name, model="resnet20"):

@@ -1,11 +1,11 @@
-"""Channel dependency groups (prunekit.channels): found from the model by the probe, identical on
+"""Channel dependency groups (prunekit.decisions.channel_groups): found from the model by the probe, identical on
 both backends for the twin models, right for torchvision ResNet-18/50 and MobileNetV2, and
 conservative (not prunable) where channels are coupled other than one to one."""
 import numpy as np
 import pytest
 
-from prunekit.backend import get_backend
-from prunekit.channels import INPUT_GROUP, binary_codes, classify, decode, find_channel_groups
+from prunekit.contract.backend import get_backend
+from prunekit.decisions.channel_groups import INPUT_GROUP, binary_codes, classify, decode, find_channel_groups
 from prunekit.errors import ModelError
 
 TWINS = [("resnet20", 3, 32), ("mnist_cnn", 1, 28), ("vgg16", 3, 32), ("mobilenetv2", 3, 32)]
@@ -81,7 +81,7 @@ def test_mobilenetv2_and_mnist_groups():
 
 def _tv(name):
     tv = pytest.importorskip("torchvision")
-    from backends.torch.layers import TorchModelHandle
+    from prunekit.backends.torch.layers import TorchModelHandle
     return TorchModelHandle(getattr(tv.models, name)(num_classes=10), (3, 32, 32), name)
 
 
@@ -110,7 +110,7 @@ def test_torchvision_mobilenet_v2():
 def test_channel_shuffle_is_coupled_and_grouped_conv_not_prunable():
     torch = pytest.importorskip("torch")
     nn = torch.nn
-    from backends.torch.layers import TorchModelHandle
+    from prunekit.backends.torch.layers import TorchModelHandle
 
     class Shuffle(nn.Module):
         def __init__(self):

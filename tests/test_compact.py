@@ -4,12 +4,12 @@ untouched, plans replay it, and bad input is refused with nothing changed."""
 import numpy as np
 import pytest
 
-from prunekit.backend import get_backend
-from prunekit.channels import compact_with_plan, find_channel_groups, masked_state
+from prunekit.contract.backend import get_backend
+from prunekit.decisions.channel_groups import compact_with_plan, find_channel_groups, masked_state
 from prunekit.errors import ModelError, PlanError
-from prunekit.flops import count_model
-from prunekit.layers import signature
-from prunekit.plan import PruningPlan
+from prunekit.decisions.flops import count_model
+from prunekit.contract.layers import signature
+from prunekit.decisions.plan import PruningPlan
 
 ATOL = 1e-4
 
@@ -75,7 +75,7 @@ def test_compacted_equals_masked(backend, model):
 def test_compacted_equals_masked_torchvision(name):
     tv = pytest.importorskip("torchvision")
     import torch
-    from backends.torch.layers import TorchModelHandle
+    from prunekit.backends.torch.layers import TorchModelHandle
 
     def build():
         torch.manual_seed(0)
@@ -154,7 +154,7 @@ def test_torch_deployed_timing(deploy):
 
 
 def test_time_side_by_side_interleaves_rounds():
-    from prunekit.timing import time_side_by_side
+    from prunekit.app.timing import time_side_by_side
     order = []
     calls = [lambda: order.append("a"), lambda: (order.append("b"), __import__("time").sleep(0.003))]
     got = time_side_by_side(calls, warmup=1, repeats=2, rounds=2)

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from conformance import runner
-from conformance.cases import Case, Tol, all_cases
+from prunekit.conformance import runner
+from prunekit.conformance.cases import Case, Tol, all_cases
 
 BACKENDS = ["torch", "mindspore"]
 
@@ -49,7 +49,7 @@ def test_command_fails_and_saves_summary_when_a_case_fails(monkeypatch, tmp_path
 
 
 def test_command_passes_on_a_subset(tmp_path):
-    from prunekit.cli import main
+    from prunekit.app.cli import main
     assert main(["conformance", "--out", str(tmp_path), "-k", "decisions/magnitude_masks/exact_ties"]) == 0
     text = open(tmp_path / "summary.md").read()
     assert "mindspore vs torch" in text and "FAIL" not in text

@@ -1,4 +1,4 @@
-"""Tests of prunekit.data on small subsets of the real CIFAR-10 and MNIST files."""
+"""Tests of prunekit.app.data on small subsets of the real CIFAR-10 and MNIST files."""
 import gzip
 import io
 import os
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from prunekit import data
-from prunekit.data import (CIFAR10_CLASSES, DATASETS, BatchIterator, Dataset, batches,
+from prunekit.app import data
+from prunekit.app.data import (CIFAR10_CLASSES, DATASETS, BatchIterator, Dataset, batches,
                            find_cifar10, find_mnist, load_dataset, num_batches, read_idx,
                            split_train_val)
 from prunekit.errors import ConfigError, DataError
@@ -21,7 +21,7 @@ try:
 except DataError:
     CIFAR_ROOT = None
 needs_cifar_zip = pytest.mark.skipif(CIFAR_ROOT is None or not (CIFAR_ROOT / "train.zip").is_file(),
-                                     reason="CIFAR-10 zips (shared/datasets/cifar10) not found")
+                                     reason="CIFAR-10 zips not found ($PRUNEKIT_DATA unset or without them)")
 
 
 @pytest.fixture(autouse=True)
@@ -169,16 +169,16 @@ def test_find_cifar10_missing_names_paths(tmp_path, monkeypatch):
         load_dataset("cifar10", missing)
     # $PRUNEKIT_DATA comes first and is named when nothing fits.
     monkeypatch.setenv("PRUNEKIT_DATA", str(missing))
-    monkeypatch.setattr(data, "_REPO_ROOT", tmp_path / "repo")
     with pytest.raises(DataError) as err:
         find_cifar10()
-    assert str(missing) in str(err.value) and str(tmp_path / "shared" / "datasets" / "cifar10") in str(err.value)
+    assert str(missing) in str(err.value)
+    # no built-in search path: without a folder or $PRUNEKIT_DATA the error says how to give one
+    monkeypatch.delenv("PRUNEKIT_DATA")
+    with pytest.raises(DataError, match="PRUNEKIT_DATA"):
+        find_cifar10()
 
 
 def test_find_cifar10_order(tmp_path, monkeypatch):
-    shared = data._REPO_ROOT.parent / "shared" / "datasets" / "cifar10"
-    if (shared / "train.zip").is_file():
-        assert find_cifar10() == shared  # the default, ../shared/datasets/cifar10 beside the repository
     # $PRUNEKIT_DATA comes first; like torchvision's root it may hold cifar-10-batches-py/.
     _write_batches_py(tmp_path / "cifar-10-batches-py", *(np.zeros((5, 32, 32, 3), np.uint8),
                                                           np.zeros(5, np.int64)) * 2)

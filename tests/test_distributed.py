@@ -19,8 +19,8 @@ import sys
 import numpy as np
 import pytest
 
-from prunekit.cli import main as cli_main
-from prunekit.distributed import (Communicator, ConsistencyGuard, DistributedMismatch, check_batch_size,
+from prunekit.app.cli import main as cli_main
+from prunekit.app.distributed import (Communicator, ConsistencyGuard, DistributedMismatch, check_batch_size,
                                   launcher_world_size, shard)
 from prunekit.errors import ConfigError
 
@@ -153,7 +153,7 @@ def _magnitude(torch_backend):
 
 
 def test_guard_makes_a_differing_rank_adopt_rank0_masks():
-    backend = pytest.importorskip("prunekit.backend").get_backend("torch")
+    backend = pytest.importorskip("prunekit.contract.backend").get_backend("torch")
     handle, algorithm = _magnitude(backend)
     names = sorted(algorithm.masks)
     rank0 = {n: np.ones_like(algorithm.ops.to_numpy(algorithm.masks[n])) for n in names}  # rank 0 kept all
@@ -170,7 +170,7 @@ def test_guard_makes_a_differing_rank_adopt_rank0_masks():
 
 
 def test_guard_raise_mode_and_final_check():
-    backend = pytest.importorskip("prunekit.backend").get_backend("torch")
+    backend = pytest.importorskip("prunekit.contract.backend").get_backend("torch")
     handle, algorithm = _magnitude(backend)
     names = sorted(algorithm.masks)
     flat = np.concatenate([algorithm.ops.to_numpy(algorithm.masks[n]).ravel() for n in names])

@@ -9,10 +9,10 @@ import pytest
 from prunekit.algorithms import make_algorithm
 from prunekit.algorithms.dsa import (DSAConfig, DSAPruner, P_FLOOR, alpha_gradient, final_counts,
                                      keep_probabilities, project_to_budget, solve_log_beta1, top_channels)
-from prunekit.channel_flops import ChannelFlops
-from prunekit.channels import find_channel_groups
+from prunekit.decisions.channel_flops import ChannelFlops
+from prunekit.decisions.channel_groups import find_channel_groups
 from prunekit.errors import ConfigError
-from prunekit.flops import count_model
+from prunekit.decisions.flops import count_model
 
 
 def _measured_macs(handle) -> int:
@@ -106,7 +106,7 @@ def test_flops_model_equals_counted_flops(backend, model):
 
 # ----------------------------------------------------------------------------- budget
 def _vgg_model(backend_name="torch"):
-    from prunekit.backend import get_backend
+    from prunekit.contract.backend import get_backend
     handle = get_backend(backend_name).model_handle("vgg16", seed=0)
     groups = find_channel_groups(handle)
     return handle, groups, ChannelFlops(groups, handle.layers)
@@ -157,7 +157,7 @@ def test_final_counts_within_two_percent_below_budget(vgg_torch):
             assert 0.98 * B <= flops <= B, (budget, flops / B)
     # measured on the compacted model once (the FLOPs model is exact at integer counts)
     keep = {g.name: np.arange(int(k)) for g, k in zip(groups, counts) if g.prunable}
-    from prunekit.backend import get_backend
+    from prunekit.contract.backend import get_backend
     new = get_backend("torch").compact(handle, keep)
     assert 0.98 * B <= _measured_macs(new) <= B
 
@@ -213,7 +213,7 @@ def test_gates_mask_channels_and_leave_the_optimizer_alone(backend):
 
 # ----------------------------------------------------------------------------- real data
 def _cycle(x, y, ds, batch, seed):
-    from prunekit import data
+    from prunekit.app import data
     epoch = 0
     while True:
         yield from data.batches(x, y, batch, seed=seed, epoch=epoch, augment=False, mean=ds.mean, std=ds.std)
@@ -224,7 +224,7 @@ def test_short_cifar_run_ends_within_budget_after_compaction(backend):
     """ResNet-20 on a small CIFAR-10 subset: 90 % for the weights, 10 % for α, a few steps of
     search then fine-tuning at fixed channels; the compacted model's measured FLOPs lie within
     2 % below the budget, and it computes what the pruned (gated) model computes."""
-    from prunekit import data
+    from prunekit.app import data
 
     t0 = time.perf_counter()
     ds = data.load_dataset("cifar10", train_limit=320, test_limit=10)
@@ -263,8 +263,8 @@ def test_job_runs_dsa_and_reports_the_compacted_model(tmp_path):
     """``prunekit run --algorithm dsa --set budget=0.5``: 10 % of the training images held out for
     α, the compacted model measured within 2 % below the budget, the plan holds the channels."""
     pytest.importorskip("torch")
-    from prunekit.job import RunConfig, run
-    from prunekit.plan import PruningPlan
+    from prunekit.app.job import RunConfig, run
+    from prunekit.decisions.plan import PruningPlan
 
     cfg = RunConfig(backend="torch", model="resnet20", algorithm="dsa", params={"budget": 0.5}, dense_epochs=0,
                     prune_epochs=1, batch_size=32, train_limit=200, test_limit=50, augment=False, progress=False,

@@ -11,10 +11,10 @@ import os
 import numpy as np
 import pytest
 
-from prunekit import data
-from prunekit.decompose import plan_decompositions
+from prunekit.app import data
+from prunekit.app.decompose import plan_decompositions
 from prunekit.errors import ConfigError, ModelError, PlanError
-from prunekit.export import ModelStructure, load_run, structure_path
+from prunekit.app.export import ModelStructure, load_run, structure_path
 
 TOL = 1e-4
 
@@ -31,7 +31,7 @@ def _need(module):
 
 
 def _torch_decomposed(trained_state):
-    import backends.torch as bt
+    import prunekit.backends.torch as bt
 
     handle = bt.model_handle("resnet20")
     handle.load_state_numpy(trained_state)
@@ -48,7 +48,7 @@ def _max_diff(a, b):
 
 def test_onnx_of_decomposed_torch_model_matches(trained_state, images, tmp_path):
     _need("onnxruntime")
-    from backends.torch.export import export_onnx, onnx_outputs
+    from prunekit.backends.torch.export import export_onnx, onnx_outputs
 
     handle, _ = _torch_decomposed(trained_state)
     path = str(tmp_path / "resnet20_trp.onnx")
@@ -64,8 +64,8 @@ def test_cross_framework_decomposed_torch_to_mindspore_ckpt_and_mindir(trained_s
     _need("mindspore")
     import mindspore as ms
 
-    import backends.mindspore as bm
-    from backends.mindspore.export import export_mindir, load_checkpoint, mindir_outputs, save_checkpoint
+    import prunekit.backends.mindspore as bm
+    from prunekit.backends.mindspore.export import export_mindir, load_checkpoint, mindir_outputs, save_checkpoint
 
     source, structure = _torch_decomposed(trained_state)
     expected = source.predict(images)
@@ -95,8 +95,8 @@ def test_cross_framework_pruned_mindspore_to_torch_state_dict(trained_state, ima
     _need("mindspore")
     import torch
 
-    import backends.mindspore as bm
-    from backends.torch.export import load_state_dict, save_state_dict
+    import prunekit.backends.mindspore as bm
+    from prunekit.backends.torch.export import load_state_dict, save_state_dict
     from prunekit.algorithms import make_algorithm
 
     source = bm.model_handle("resnet20")
@@ -106,7 +106,7 @@ def test_cross_framework_pruned_mindspore_to_torch_state_dict(trained_state, ima
     algorithm.before_step(0)  # one-shot global magnitude pruning: masks applied to the weights
     assert algorithm.masks
     structure = ModelStructure.of("resnet20", source)
-    import backends.torch as bt
+    import prunekit.backends.torch as bt
     torch_twin = structure.build(bt, source.state_numpy())
     path = str(tmp_path / "resnet20_pruned.pt")
     save_state_dict(torch_twin, path, structure)
@@ -121,7 +121,7 @@ def test_cross_framework_pruned_mindspore_to_torch_state_dict(trained_state, ima
 
 
 def _compact_keep(handle):
-    from prunekit.channels import find_channel_groups
+    from prunekit.decisions.channel_groups import find_channel_groups
 
     keep = {}
     for g in find_channel_groups(handle):
@@ -134,10 +134,10 @@ def _compact_keep(handle):
 def test_compacted_model_exports_and_crosses_frameworks(trained_state, images, tmp_path):
     _need("onnxruntime")
     _need("mindspore")
-    import backends.mindspore as bm
-    import backends.torch as bt
-    from backends.mindspore.export import load_checkpoint, save_checkpoint
-    from backends.torch.export import export_onnx
+    import prunekit.backends.mindspore as bm
+    import prunekit.backends.torch as bt
+    from prunekit.backends.mindspore.export import load_checkpoint, save_checkpoint
+    from prunekit.backends.torch.export import export_onnx
 
     if not hasattr(bt, "compact") or not hasattr(bm, "compact"):
         pytest.skip("channel compaction (backend.compact) is not in this tree")
@@ -160,8 +160,8 @@ def test_compacted_model_exports_and_crosses_frameworks(trained_state, images, t
 
 
 def test_export_errors_leave_files_alone(tmp_path):
-    import backends.torch as bt
-    from backends.torch.export import export_onnx, load_state_dict, save_state_dict
+    import prunekit.backends.torch as bt
+    from prunekit.backends.torch.export import export_onnx, load_state_dict, save_state_dict
 
     handle = bt.model_handle("mnist_cnn", in_channels=1, image_size=28)
     with pytest.raises(ConfigError, match=r"\.onnx"):
@@ -190,8 +190,8 @@ def test_export_errors_leave_files_alone(tmp_path):
 def test_cli_export_of_a_trp_run_folder(tmp_path, capsys):
     _need("onnxruntime")
     _need("mindspore")
-    from prunekit.cli import main
-    from prunekit.job import RunConfig, run
+    from prunekit.app.cli import main
+    from prunekit.app.job import RunConfig, run
 
     out = str(tmp_path / "run")
     report = run(RunConfig(backend="torch", model="mnist_cnn", dataset="mnist", algorithm="trp", dense_epochs=0,
@@ -209,8 +209,8 @@ def test_cli_export_of_a_trp_run_folder(tmp_path, capsys):
     print(f"prunekit export, TRP mnist_cnn (ranks {ranks}): max |diff| vs the torch model {diffs}")
     assert all(d <= TOL for d in diffs.values())
     # the .ckpt and .pt reload on their own, from the structure description written beside them
-    from backends.mindspore.export import load_checkpoint
-    from backends.torch.export import load_state_dict
+    from prunekit.backends.mindspore.export import load_checkpoint
+    from prunekit.backends.torch.export import load_state_dict
     x = ModelStructure.load(os.path.join(out, "model.structure.json")).example_input(4)
     a = load_state_dict(os.path.join(out, "model.pt")).predict(x)
     b = load_checkpoint(os.path.join(out, "model.ckpt")).predict(x)
@@ -226,10 +226,10 @@ def test_cli_export_of_a_trp_run_folder(tmp_path, capsys):
 def test_cli_export_of_a_compacted_run_folder(tmp_path, capsys):
     _need("onnxruntime")
     _need("mindspore")
-    from backends.mindspore.export import load_checkpoint
+    from prunekit.backends.mindspore.export import load_checkpoint
     from prunekit.algorithms import ALGORITHMS
-    from prunekit.cli import main
-    from prunekit.job import RunConfig, run
+    from prunekit.app.cli import main
+    from prunekit.app.job import RunConfig, run
 
     if "channel" not in ALGORITHMS:
         pytest.skip("no channel-pruning algorithm in this tree")

@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import pytest
 
-from prunekit import data
+from prunekit.app import data
 from prunekit.algorithms import make_algorithm
 
 STEPS, BATCH = 6, 16
@@ -62,8 +62,8 @@ def _lightning_fit(batches, algorithm):
     import torch
     import torch.nn.functional as F
 
-    import backends.torch as bt
-    from backends.torch.lightning import PruningCallback
+    import prunekit.backends.torch as bt
+    from prunekit.backends.torch.lightning import PruningCallback
 
     class Classifier(pl.LightningModule):
         def __init__(self, net):
@@ -97,7 +97,7 @@ def _plain_loop(batches, algorithm):
     import torch
     import torch.nn.functional as F
 
-    import backends.torch as bt
+    import prunekit.backends.torch as bt
 
     handle = bt.model_handle("resnet20", seed=0)
     model = handle.model.train()
@@ -150,8 +150,8 @@ def test_lightning_callback_rejects_bad_setup(cifar_batches):
     import lightning.pytorch as pl
     import torch
 
-    import backends.torch as bt
-    from backends.torch.lightning import PruningCallback
+    import prunekit.backends.torch as bt
+    from prunekit.backends.torch.lightning import PruningCallback
     from prunekit.errors import ConfigError
 
     with pytest.raises(ConfigError, match="prunekit algorithm"):
@@ -191,7 +191,7 @@ def _ms_functional(batches, algorithm):
     import mindspore.nn as nn
     import mindspore.ops as msops
 
-    import backends.mindspore as bm
+    import prunekit.backends.mindspore as bm
 
     handle = bm.model_handle("resnet20", seed=0)
     net = handle.model
@@ -222,7 +222,7 @@ def _ms_model_train(batches, algorithm):
     import mindspore.nn as nn
     from mindspore.train import Model
 
-    import backends.mindspore as bm
+    import prunekit.backends.mindspore as bm
 
     handle = bm.model_handle("resnet20", seed=0)
     net = handle.model
@@ -240,7 +240,7 @@ def _ms_model_train(batches, algorithm):
 @pytest.mark.parametrize("key", ["magnitude", "rpg", "rpg-release", "trp"])
 def test_mindspore_model_train_runs_every_algorithm(cifar_batches, key):
     try:
-        import backends.mindspore  # noqa: F401
+        import prunekit.backends.mindspore  # noqa: F401
     except ImportError as e:
         pytest.skip(f"MindSpore unavailable: {e}")
     batches = cifar_batches[:MS_STEPS]

@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from prunekit.cli import main
+from prunekit.app.cli import main
 from prunekit.errors import ConfigError
-from prunekit.job import RunConfig, run
+from prunekit.app.job import RunConfig, run
 
 TINY = dict(model="resnet20", dataset="cifar10", train_limit=200, test_limit=100, dense_epochs=1, prune_epochs=1,
             batch_size=50, progress=False)

@@ -1,4 +1,4 @@
-"""The rank machinery shared by RPG and TRP (prunekit/lowrank.py), on every backend that loads.
+"""The rank machinery shared by RPG and TRP (prunekit/decisions/spectrum.py), on every backend that loads.
 
 Matrix views and their inverse; the three spectrum methods of :class:`SpectrumEngine` against a
 float64 NumPy SVD on the conv weights of a ResNet-20 *trained on CIFAR-10* (trained spectra decay,
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from prunekit.errors import ConfigError
-from prunekit.lowrank import SpectrumEngine, from_matrix_view, matrix_view, project_top, top_factors
-from prunekit.selection import energy_rank, residual_rank
+from prunekit.decisions.spectrum import SpectrumEngine, from_matrix_view, matrix_view, project_top, top_factors
+from prunekit.decisions.selection import energy_rank, residual_rank
 
 
 # ---------------------------------------------------------------- tolerances (and why)

@@ -3,8 +3,8 @@ RPG and TRP use) against the per-layer Spectrum / project_top / top_factors and 
 import numpy as np
 import pytest
 
-from prunekit.lowrank import SpectrumEngine, project_top, top_factors
-from prunekit.numpy_ops import NumpyOps
+from prunekit.decisions.spectrum import SpectrumEngine, project_top, top_factors
+from prunekit.contract.numpy_ops import NumpyOps
 
 
 @pytest.mark.parametrize("method", ["exact", "gram", "subspace"])

@@ -11,7 +11,7 @@ from prunekit.errors import ConfigError
 from references import keep, ref_topk
 
 torch = pytest.importorskip("torch")
-from backends.torch import Trainer, model_handle  # noqa: E402
+from prunekit.backends.torch import Trainer, model_handle  # noqa: E402
 
 
 

@@ -8,15 +8,15 @@ ms = pytest.importorskip("mindspore")
 import mindspore.nn as nn  # noqa: E402
 import mindspore.ops as msops  # noqa: E402
 
-from backends.mindspore import (PruningCallback, PruningSession, PruningTrainOneStepCell, Trainer,  # noqa: E402
+from prunekit.backends.mindspore import (PruningCallback, PruningSession, PruningTrainOneStepCell, Trainer,  # noqa: E402
                                 make_optimizer, model_handle)
-from backends.mindspore.driver import Adam, optimizer_state_by_layer  # noqa: E402
-from backends.mindspore.layers import MindSporeModelHandle, conv_padding, discover_layers  # noqa: E402
-from backends.mindspore.models import build_model  # noqa: E402
-from backends.mindspore.ops import MindSporeOps, check_device  # noqa: E402
+from prunekit.backends.mindspore.driver import Adam, optimizer_state_by_layer  # noqa: E402
+from prunekit.backends.mindspore.layers import MindSporeModelHandle, conv_padding, discover_layers  # noqa: E402
+from prunekit.backends.mindspore.models import build_model  # noqa: E402
+from prunekit.backends.mindspore.ops import MindSporeOps, check_device  # noqa: E402
 from prunekit.algorithms import make_algorithm  # noqa: E402
 from prunekit.errors import ConfigError, ModelError, PlanError  # noqa: E402
-from prunekit.models import MODELS  # noqa: E402
+from prunekit.contract.reference_models import MODELS  # noqa: E402
 
 OPS = MindSporeOps()
 HOST = MindSporeOps(svd="host", qr="host", eigh="host")
@@ -318,7 +318,7 @@ def test_value_and_grad_matches_analytic():
 
 def test_svd_sign_fix_runs_on_device_tensors_only():
     """fix_svd_signs (core) on MindSpore: argmax, arange, reshape, broadcast equal, cast, sum, where."""
-    from prunekit.ops import fix_svd_signs
+    from prunekit.contract.ops import fix_svd_signs
     rng = np.random.default_rng(10)
     u = rng.standard_normal((2, 4, 3)).astype(np.float32)
     vh = rng.standard_normal((2, 3, 5)).astype(np.float32)

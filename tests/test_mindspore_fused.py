@@ -4,11 +4,11 @@ batched weight write give the same weights as the generic per-layer path."""
 import numpy as np
 import pytest
 
-ms_backend = pytest.importorskip("backends.mindspore")
+ms_backend = pytest.importorskip("prunekit.backends.mindspore")
 
 from prunekit.algorithms.rpg import RPGConfig, RPGPruner  # noqa: E402
 from prunekit.algorithms.trp import TRPConfig, TRPPruner  # noqa: E402
-from backends.mindspore.fused import FusedUpdate  # noqa: E402
+from prunekit.backends.mindspore.fused import FusedUpdate  # noqa: E402
 
 STEPS = 5
 
@@ -111,7 +111,7 @@ def test_set_weights_writes_every_layer_in_one_call():
 def test_numpy_blas_runs_one_thread_beside_mindspore_on_cpu():
     """NumPy's OpenBLAS threads would compete with MindSpore's (see backends/mindspore/hostblas.py)."""
     import os
-    from backends.mindspore.hostblas import host_blas_threads, limit_host_blas_threads
+    from prunekit.backends.mindspore.hostblas import host_blas_threads, limit_host_blas_threads
     if host_blas_threads() is None:
         pytest.skip("NumPy bundles no OpenBLAS here")
     if "OPENBLAS_NUM_THREADS" not in os.environ and os.environ.get("PRUNEKIT_MS_HOST_BLAS_THREADS") is None:

@@ -48,7 +48,7 @@ BLOCKED_IMPORT_SCRIPT = textwrap.dedent("""
     leaked = sorted(n for n in sys.modules if n.split(".")[0] in BLOCKED)
 
     # the registry reports a blocked framework as unavailable instead of crashing
-    from prunekit.backend import available_backends, get_backend
+    from prunekit.contract.backend import available_backends, get_backend
     from prunekit.errors import BackendUnavailable
     try:
         get_backend("torch")
@@ -93,7 +93,7 @@ def test_whole_package_imports_with_frameworks_blocked():
     # every module on disk was reached by the walk (the walk did not silently stop early)
     expected = set(_package_modules())
     assert expected <= imported, f"not imported: {sorted(expected - imported)}"
-    assert {"prunekit.ops", "prunekit.selection", "prunekit.algorithms.magnitude"} <= imported
+    assert {"prunekit.contract.ops", "prunekit.decisions.selection", "prunekit.algorithms.magnitude"} <= imported
 
 
 def _framework_imports(path):

@@ -2,9 +2,9 @@
 framework backends, against the same NumPy-independent references."""
 import pytest
 
-from conformance import runner
-from conformance.cases import all_cases
-from prunekit.numpy_ops import NumpyOps
+from prunekit.conformance import runner
+from prunekit.conformance.cases import all_cases
+from prunekit.contract.numpy_ops import NumpyOps
 
 
 class NumpyBackend:

@@ -7,11 +7,11 @@ import pytest
 
 from prunekit.algorithms import apply_plan, make_algorithm
 from prunekit.errors import PlanError
-from prunekit.layers import LayerInfo, signature
-from prunekit.plan import PruningPlan
+from prunekit.contract.layers import LayerInfo, signature
+from prunekit.decisions.plan import PruningPlan
 
 torch = pytest.importorskip("torch")
-from backends.torch import model_handle  # noqa: E402
+from prunekit.backends.torch import model_handle  # noqa: E402
 
 
 def _layer(name, shape, kind="conv"):

@@ -6,7 +6,7 @@ from prunekit import PruningPlan
 from prunekit.algorithms import apply_plan
 from prunekit.algorithms.magnitude import MagnitudePruner
 from prunekit.errors import PlanError
-from prunekit.backend import get_backend
+from prunekit.contract.backend import get_backend
 
 CASES = [("resnet20", "unstructured", "global", 3, 32), ("mobilenetv2", "channel", "layer", 3, 32),
          ("mnist_cnn", "unstructured", "layer", 1, 28)]

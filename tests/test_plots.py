@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from prunekit.cli import main
-from prunekit.job import RunConfig, run
+from prunekit.app.cli import main
+from prunekit.app.job import RunConfig, run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY = dict(backend="torch", model="mnist_cnn", dataset="mnist", train_limit=128, test_limit=64, batch_size=32,

@@ -6,13 +6,13 @@ import math
 import numpy as np
 import pytest
 
-from prunekit import pai
+from prunekit.decisions import pai_scores as pai
 from prunekit.algorithms.precrop import (PreCropConfig, PreCropPruner, channel_counts, kept_weight_count,
                                          layer_groups, plan_channels, scored_layers, solve_log_ratios)
-from prunekit.channels import ChannelGroup
+from prunekit.decisions.channel_groups import ChannelGroup
 from prunekit.errors import ConfigError, ModelError
-from prunekit.layers import LayerInfo
-from prunekit.selection import global_topk_masks, keep_count
+from prunekit.contract.layers import LayerInfo
+from prunekit.decisions.selection import global_topk_masks, keep_count
 
 #: the narrow model's scored weight count may differ from the PAI's kept count by at most the
 #: weights one channel of the widest-reaching group carries (the budget match moves every group by
@@ -34,7 +34,7 @@ def _torch_reference(model, kind, x=None, y=None):
     """Scores from PyTorch autograd written directly (no prunekit scoring code)."""
     import torch
     import torch.nn.functional as F
-    from prunekit.backend import get_backend
+    from prunekit.contract.backend import get_backend
 
     h = _handle(get_backend("torch"), model)
     names = [l.name for l in h.layers]
@@ -105,7 +105,7 @@ def test_synflow_is_data_free_restores_the_model_and_matches_float64(backend):
 
 def test_synflow_rescales_exactly_on_a_deep_model():
     """ResNet-56's R is ~1e70 (float32 overflows): scores come back scaled by one power of two."""
-    torch_backend = pytest.importorskip("backends.torch")
+    torch_backend = pytest.importorskip("prunekit.backends.torch")
     h = _handle(torch_backend, "resnet56")
     names = [l.name for l in h.layers]
     got = {n: h.ops.to_numpy(v).astype(np.float64) for n, v in pai.synflow_scores(h, names).items()}
@@ -136,9 +136,9 @@ def test_densities_come_from_one_global_threshold(backend):
 
 def test_identical_scores_give_identical_decisions_on_both_backends():
     rng = np.random.default_rng(3)
-    backends = [pytest.importorskip("backends.torch"), pytest.importorskip("backends.mindspore")]
+    backends = [pytest.importorskip("prunekit.backends.torch"), pytest.importorskip("prunekit.backends.mindspore")]
     handle = _handle(backends[0], "mobilenetv2")
-    from prunekit.channels import find_channel_groups
+    from prunekit.decisions.channel_groups import find_channel_groups
     groups = find_channel_groups(handle)
     layers = scored_layers(handle.layers)
     scores = {l.name: np.round(rng.random(l.weight_shape), 2).astype(np.float32) for l in layers}  # many ties
@@ -273,7 +273,7 @@ JOB = dict(model="resnet20", dataset="cifar10", train_limit=200, test_limit=100,
 
 
 def test_job_trains_the_narrow_model_and_reports_it_measured(tmp_path):
-    from prunekit.job import RunConfig, run
+    from prunekit.app.job import RunConfig, run
 
     lines = []
     report = run(RunConfig(backend="torch", out=str(tmp_path / "pc"), params={"score": "synflow", "rounds": 5},
@@ -294,7 +294,7 @@ def test_job_trains_the_narrow_model_and_reports_it_measured(tmp_path):
 
 
 def test_job_unstructured_baseline_keeps_the_pai_masks(tmp_path):
-    from prunekit.job import RunConfig, run
+    from prunekit.app.job import RunConfig, run
 
     report = run(RunConfig(backend="torch", out=str(tmp_path / "un"),
                            params={"score": "synflow", "rounds": 5, "structure": "unstructured"}, **JOB),
@@ -308,9 +308,9 @@ def test_job_unstructured_baseline_keeps_the_pai_masks(tmp_path):
 
 
 def test_narrow_model_is_reinitialised_or_keeps_the_sliced_init():
-    from prunekit.models import init_state
+    from prunekit.contract.reference_models import init_state
 
-    torch_backend = pytest.importorskip("backends.torch")
+    torch_backend = pytest.importorskip("prunekit.backends.torch")
     h = _handle(torch_backend, "resnet20")
     original = h.state_numpy()
     kept = PreCropPruner(score="synflow", sparsity=0.8, rounds=1, reinit=False)

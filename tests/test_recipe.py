@@ -4,9 +4,9 @@ import os
 
 import pytest
 
-from prunekit.cli import main
+from prunekit.app.cli import main
 from prunekit.errors import ConfigError
-from prunekit.recipe import config_from_mapping, load_recipe
+from prunekit.app.recipe import config_from_mapping, load_recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "examples", "recipes", "*.yaml")))

@@ -10,12 +10,12 @@ import sys
 import numpy as np
 import pytest
 
-from prunekit import checkpoint as ckpt
+from prunekit.app import checkpoint as ckpt
 from prunekit.algorithms import ALGORITHMS, make_algorithm
-from prunekit.backend import get_backend
-from prunekit.cli import main
+from prunekit.contract.backend import get_backend
+from prunekit.app.cli import main
 from prunekit.errors import ConfigError
-from prunekit.job import ALGORITHM_CONFIGS, RunConfig
+from prunekit.app.job import ALGORITHM_CONFIGS, RunConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 256 MNIST images, batch 32: 8 steps an epoch; 1 dense + 2 pruning epochs = 24 steps;

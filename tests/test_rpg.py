@@ -36,7 +36,7 @@ UPDATES = [t for t in range(1, T_END + 1) if t % FREQ == 0 or t == T_END]
 
 @pytest.fixture(scope="module")
 def cifar():
-    from prunekit import data
+    from prunekit.app import data
     try:
         ds = data.load_dataset("cifar10", train_limit=256, test_limit=10)
     except Exception as e:  # data set not available here
@@ -172,7 +172,7 @@ def test_subspace_spectrum_right_after_a_mask_update(backend, trained_state):
 def _session_grads(state, batch, **config):
     """Gradients on the weights after PruningSession.after_backward at step 0 (torch)."""
     import torch.nn.functional as F
-    from backends.torch import PruningSession, model_handle
+    from prunekit.backends.torch import PruningSession, model_handle
     h = model_handle("resnet20")
     h.load_state_numpy(state)
     opt = torch.optim.SGD(h.model.parameters(), lr=0.1)
@@ -211,7 +211,7 @@ def test_torch_in_place_terms_equal_the_generic_transform(trained_state, cifar, 
     one multi-tensor op (Algorithm.gradient_terms); a transform_gradients replaced on the
     instance forces the generic per-layer path. Same weights, bit for bit, over steps with a
     mask update (RPG) and with the projection (TRP)."""
-    from backends.torch import Trainer, model_handle
+    from prunekit.backends.torch import Trainer, model_handle
 
     def train(generic):
         h = model_handle("resnet20")
@@ -401,7 +401,7 @@ def test_release_semantics_skips_the_step_before_each_update(backend, trained_st
 # ---------------------------------------------------------------- a user's own loop
 def test_plain_session_loop_with_release_semantics(trained_state, cifar):
     import torch.nn.functional as F
-    from backends.torch import PruningSession, model_handle
+    from prunekit.backends.torch import PruningSession, model_handle
     h = model_handle("resnet20")
     h.load_state_numpy(trained_state)
     opt = torch.optim.SGD(h.model.parameters(), lr=0.02, momentum=0.9, weight_decay=5e-4)
@@ -443,7 +443,7 @@ def test_paper_term_is_masked_after_an_update(trained_state, cifar):
     """In a plain loop, at a step after the first mask update: the rank term is λ·∂L_rank/∂W on
     the kept weights only, computed from the current (sparse) weights."""
     import torch.nn.functional as F
-    from backends.torch import PruningSession, model_handle
+    from prunekit.backends.torch import PruningSession, model_handle
     lam = 0.5
     h = model_handle("resnet20")
     h.load_state_numpy(trained_state)

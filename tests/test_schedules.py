@@ -4,7 +4,7 @@ import math
 import pytest
 
 from prunekit.errors import ConfigError
-from prunekit.schedules import LearningRateSchedule, SparsitySchedule
+from prunekit.decisions.schedules import LearningRateSchedule, SparsitySchedule
 
 
 def zhu_gupta(t, s_i, s_f, t0, n, dt):

@@ -8,12 +8,12 @@ import time
 import numpy as np
 import pytest
 
-from conformance.fixtures import ArrayHandle
-from prunekit import data
+from prunekit.conformance.fixtures import ArrayHandle
+from prunekit.app import data
 from prunekit.algorithms import make_algorithm
 from prunekit.algorithms.sdprun import (LambdaSchedule, SDPrunConfig, SDPrunPruner, grda_lambda,
                                         group_soft_threshold, managed_units)
-from prunekit.channels import ChannelGroup
+from prunekit.decisions.channel_groups import ChannelGroup
 from prunekit.errors import ConfigError, ModelError
 
 
@@ -74,7 +74,7 @@ def test_registered_and_exclude_checked():
     algo = make_algorithm("sdprun", c=1e-3, mu=0.6)
     assert isinstance(algo, SDPrunPruner) and algo.config.mu == 0.6
     w, groups = arrays()
-    layers = ArrayHandle(__import__("prunekit.numpy_ops", fromlist=["NumpyOps"]).NumpyOps(), w).layers
+    layers = ArrayHandle(__import__("prunekit.contract.numpy_ops", fromlist=["NumpyOps"]).NumpyOps(), w).layers
     with pytest.raises(ConfigError, match="unknown layer"):
         managed_units(layers, groups, "filter", exclude=("nope",))
     assert managed_units(layers, groups, "filter") == [("a",), ("b",), ("c",)]
@@ -197,8 +197,8 @@ def _plain_batches(ds, n):
 
 def test_torch_optimizer_matches_neutral_path():
     torch = pytest.importorskip("torch")
-    import backends.torch as tb
-    from backends.torch.optimizers import SDPrun
+    import prunekit.backends.torch as tb
+    from prunekit.backends.torch.optimizers import SDPrun
 
     ds = data.load_dataset("mnist", train_limit=256, test_limit=16)
     h1 = tb.model_handle("mnist_cnn", 10, 1, 28, seed=3)
@@ -221,7 +221,7 @@ def test_torch_optimizer_matches_neutral_path():
 
 def test_torch_optimizer_joint_group_and_default_selection():
     torch = pytest.importorskip("torch")
-    from backends.torch.optimizers import SDPrun
+    from prunekit.backends.torch.optimizers import SDPrun
 
     r = np.random.default_rng(0)
     a = torch.nn.Parameter(torch.from_numpy(r.standard_normal((5, 4)).astype(np.float32)))
@@ -243,9 +243,9 @@ def test_torch_optimizer_joint_group_and_default_selection():
 @pytest.mark.parametrize("update_on", ["device", "host"])
 def test_mindspore_optimizer_matches_neutral_path(update_on):
     ms = pytest.importorskip("mindspore")
-    import backends.mindspore as mb
+    import prunekit.backends.mindspore as mb
     import mindspore.ops as msops
-    from backends.mindspore.optimizers import SDPrun
+    from prunekit.backends.mindspore.optimizers import SDPrun
 
     ds = data.load_dataset("mnist", train_limit=256, test_limit=16)
     h1 = mb.model_handle("mnist_cnn", 10, 1, 28, seed=3)

@@ -1,4 +1,4 @@
-"""Selection rules (prunekit/selection.py) against NumPy / exact-arithmetic references.
+"""Selection rules (prunekit/decisions/selection.py) against NumPy / exact-arithmetic references.
 
 The op-level rules (top-k masks, channel scores) run on every available backend through the
 ``neutral_ops`` fixture; the host-side rules (keep counts, rank choices) are plain Python.
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from prunekit.errors import ConfigError
-from prunekit.selection import (channel_scores, check_sparsity, energy_rank, expand_channel_mask,
+from prunekit.decisions.selection import (channel_scores, check_sparsity, energy_rank, expand_channel_mask,
                                 global_topk_masks, keep_count, residual_rank, topk_mask, value_rank)
 
 

@@ -7,13 +7,13 @@ torch = pytest.importorskip("torch")
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from backends.torch import PruningSession, Trainer, model_handle  # noqa: E402
-from backends.torch.layers import TorchModelHandle, discover_layers  # noqa: E402
-from backends.torch.models import build_model  # noqa: E402
-from backends.torch.ops import TorchOps  # noqa: E402
+from prunekit.backends.torch import PruningSession, Trainer, model_handle  # noqa: E402
+from prunekit.backends.torch.layers import TorchModelHandle, discover_layers  # noqa: E402
+from prunekit.backends.torch.models import build_model  # noqa: E402
+from prunekit.backends.torch.ops import TorchOps  # noqa: E402
 from prunekit.algorithms import make_algorithm  # noqa: E402
 from prunekit.errors import ModelError, PlanError  # noqa: E402
-from prunekit.models import MODELS  # noqa: E402
+from prunekit.contract.reference_models import MODELS  # noqa: E402
 
 OPS = TorchOps()
 
@@ -409,7 +409,7 @@ def test_initialize_is_seeded_and_framework_rng_independent():
             leaf = k.rsplit(".", 1)[1]
             np.testing.assert_array_equal(a[k], np.ones_like(a[k]) if leaf in ("weight", "running_var") else 0)
             np.testing.assert_array_equal(a[k], c[k])
-    # convs: Kaiming normal with fan-out; linear: normal with std 1/sqrt(fan-in) (prunekit/models.py)
+    # convs: Kaiming normal with fan-out; linear: normal with std 1/sqrt(fan-in) (prunekit/contract/reference_models.py)
     w = a["layer3.1.conv1.weight"]
     assert w.std() == pytest.approx(np.sqrt(2.0 / (64 * 9)), rel=0.05) and abs(w.mean()) < 0.005
     assert a["fc.weight"].std() == pytest.approx(np.sqrt(1.0 / 64), rel=0.1)

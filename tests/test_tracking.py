@@ -1,4 +1,4 @@
-"""The ``tracked`` rank machinery (prunekit/tracking.py) for RPG and TRP, on every backend.
+"""The ``tracked`` rank machinery (prunekit/decisions/spectrum_tracking.py) for RPG and TRP, on every backend.
 
 * Solving every step, it computes what the per-layer ``gram`` path computes: the same ranks, the
   same RPG rank-term gradients and the same TRP projections and nuclear terms (trained ResNet-20).
@@ -11,13 +11,13 @@
 import numpy as np
 import pytest
 
-from prunekit import data
+from prunekit.app import data
 from prunekit.algorithms.rpg import RPGConfig, RPGPruner
 from prunekit.algorithms.trp import TRPConfig, TRPPruner
 from prunekit.errors import ConfigError
-from prunekit.numpy_ops import NumpyOps
-from prunekit.selection import energy_rank, residual_rank
-from prunekit.tracking import BasisTracker
+from prunekit.contract.numpy_ops import NumpyOps
+from prunekit.decisions.selection import energy_rank, residual_rank
+from prunekit.decisions.spectrum_tracking import BasisTracker
 
 #: same quantities through another reduction order (stacked vs per layer), float32
 SAME_RTOL, SAME_ATOL = 1e-3, 1e-6
@@ -92,7 +92,7 @@ def test_tracked_ranks_at_a_solve_equal_full_svd(trained_state, partial_k):
 
 
 def test_reused_basis_stays_near_eckart_young_over_real_training_steps(trained_state):
-    from prunekit.backend import get_backend
+    from prunekit.contract.backend import get_backend
     backend = get_backend("torch")
     handle = trained_handle(backend, trained_state)
     convs = [l for l in handle.layers if l.kind == "conv"]
@@ -158,7 +158,7 @@ def test_tracker_rejects_bad_settings():
 
 
 def test_auto_spectrum_is_tracked_on_accelerators_and_gram_on_cpus(backend):
-    from prunekit.tracking import resolve_spectrum
+    from prunekit.decisions.spectrum_tracking import resolve_spectrum
     assert resolve_spectrum("auto", None, None, on_accelerator=True) == ("tracked", 10, 8)
     assert resolve_spectrum("auto", None, None, on_accelerator=False) == ("gram", 50, 0)
     assert resolve_spectrum("tracked", None, None, on_accelerator=False) == ("tracked", 10, 0)
@@ -175,7 +175,7 @@ def test_auto_spectrum_is_tracked_on_accelerators_and_gram_on_cpus(backend):
 def test_tracked_state_survives_a_checkpoint_mid_refresh(trained_state, algo):
     """Stop between a queued solve and its install, restore into fresh objects, continue: the
     same ranks and terms as the uninterrupted run (the queued solve is part of the state)."""
-    from prunekit.backend import get_backend
+    from prunekit.contract.backend import get_backend
     backend = get_backend("torch")
 
     def make():

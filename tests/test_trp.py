@@ -1,4 +1,4 @@
-"""TRP (prunekit/algorithms/trp.py, prunekit/decompose.py, backends/torch/surgery.py): which
+"""TRP (prunekit/algorithms/trp.py, prunekit/app/decompose.py, backends/torch/surgery.py): which
 layers it works on, the projection and the nuclear-norm term of a training step, ``every``,
 the final decomposition into two convs (both schemes, strided convs included) with parameter and
 MAC counts, the rank choices, and configuration errors.
@@ -12,9 +12,9 @@ import pytest
 
 from prunekit.algorithms import make_algorithm
 from prunekit.algorithms.trp import TRPConfig, TRPPruner, choose_rank, decomposition_factors
-from prunekit.decompose import plan_decompositions
+from prunekit.app.decompose import plan_decompositions
 from prunekit.errors import ConfigError, ModelError
-from prunekit.flops import count_model
+from prunekit.decisions.flops import count_model
 
 torch = pytest.importorskip("torch")
 
@@ -34,7 +34,7 @@ PROJ_RTOL = 1e-3
 
 @pytest.fixture(scope="module")
 def cifar():
-    from prunekit import data
+    from prunekit.app import data
     try:
         ds = data.load_dataset("cifar10", train_limit=256, test_limit=10)
     except Exception as e:
@@ -74,7 +74,7 @@ def truncate(w, r, scheme):
 
 # ---------------------------------------------------------------- layer selection
 def test_layer_selection_resnet20_and_mobilenetv2():
-    from backends.torch import model_handle
+    from prunekit.backends.torch import model_handle
     h = model_handle("resnet20")
     chosen = [l.name for l in TRPPruner().select_layers(h.layers)]
     convs = [l.name for l in h.layers if l.kind == "conv"]
@@ -233,7 +233,7 @@ def logits(h, x):
 @pytest.mark.parametrize("scheme", ["channel", "spatial"])
 @pytest.mark.parametrize("choice", [dict(), dict(energy=0.6), dict(rank=3)])
 def test_decomposition_matches_truncated_model_and_counts(trained_state, cifar, scheme, choice):
-    from backends.torch import apply_decompositions, model_handle
+    from prunekit.backends.torch import apply_decompositions, model_handle
     _, x = cifar
     h = model_handle("resnet20")
     h.load_state_numpy(trained_state)
@@ -301,8 +301,8 @@ def test_decomposition_matches_truncated_model_and_counts(trained_state, cifar, 
 def test_decomposition_of_a_strided_conv_with_bias():
     """A strided, padded conv with a bias, in isolation (stride on the first factor)."""
     import torch.nn as nn
-    from backends.torch import apply_decompositions
-    from backends.torch.layers import TorchModelHandle
+    from prunekit.backends.torch import apply_decompositions
+    from prunekit.backends.torch.layers import TorchModelHandle
     rng = np.random.default_rng(5)
     for scheme in ("channel", "spatial"):
         torch.manual_seed(0)
@@ -357,7 +357,7 @@ def test_bad_config():
     w = np.ones((4, 4, 3, 3), np.float32)
     with pytest.raises(ConfigError, match="diagonal"):
         decomposition_factors(w, None, (1, 1), (1, 1), scheme="diagonal")
-    from backends.torch import model_handle
+    from prunekit.backends.torch import model_handle
     with pytest.raises(ConfigError):
         plan_decompositions(model_handle("resnet20"), scheme="nd")
     c = TRPConfig()

@@ -20,9 +20,9 @@ import pytest
 torch = pytest.importorskip("torch")
 ms = pytest.importorskip("mindspore")
 
-import backends.mindspore as bm  # noqa: E402
-import backends.torch as bt  # noqa: E402
-from prunekit.models import MODELS  # noqa: E402
+import prunekit.backends.mindspore as bm  # noqa: E402
+import prunekit.backends.torch as bt  # noqa: E402
+from prunekit.contract.reference_models import MODELS  # noqa: E402
 
 BATCH = 2
 TOL = 1e-4

@@ -13,7 +13,7 @@ On import, and only if the process has not chosen yet:
   oneDNN (PyTorch's CPU kernels included; its ResNet-20 step time did not change measurably).
 * on CPU, NumPy's OpenBLAS (the host rank machinery's) is set to one thread unless
   ``OPENBLAS_NUM_THREADS`` is set or ``PRUNEKIT_MS_HOST_BLAS_THREADS`` names another count
-  ("default" leaves it alone): see :mod:`backends.mindspore.hostblas`.
+  ("default" leaves it alone): see :mod:`prunekit.backends.mindspore.hostblas`.
 
 The execution mode is left as it is (MindSpore's default is PyNative, which the driver needs).
 """

@@ -1,4 +1,4 @@
-"""MindSpore side of channel-group discovery (:mod:`prunekit.channels`): BatchNorm discovery
+"""MindSpore side of channel-group discovery (:mod:`prunekit.decisions.channel_groups`): BatchNorm discovery
 and the channel probe (PyNative; the probe switches to PyNative for its duration if the context
 is in graph mode).
 
@@ -18,7 +18,7 @@ import numpy as np
 import mindspore as ms
 import mindspore.nn as nn
 
-from prunekit.channels import OUTPUT
+from prunekit.decisions.channel_groups import OUTPUT
 
 from .layers import PRUNABLE, _BN
 

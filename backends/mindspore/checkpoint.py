@@ -1,6 +1,6 @@
 """MindSpore state for ``prunekit run`` checkpoints: optimizer state and random state as NumPy.
 
-The neutral format and the checks live in :mod:`prunekit.checkpoint`; this module only turns
+The neutral format and the checks live in :mod:`prunekit.app.checkpoint`; this module only turns
 the framework's state into the plain trees it stores, and back:
 
 * :func:`capture_training_state` / :func:`restore_training_state`: every Parameter a
@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import mindspore as ms
 
-from prunekit.checkpoint import CheckpointError
+from prunekit.app.checkpoint import CheckpointError
 
 from .layers import write_
 
@@ -71,7 +71,7 @@ def restore_training_state(trainer, state: dict) -> None:
 
 
 def rng_state() -> dict:
-    """MindSpore's default generator (NumPy's and Python's: :func:`prunekit.checkpoint.host_rng_state`)."""
+    """MindSpore's default generator (NumPy's and Python's: :func:`prunekit.app.checkpoint.host_rng_state`)."""
     return {"framework": "mindspore", "mindspore": ms.get_rng_state().asnumpy().copy()}
 
 

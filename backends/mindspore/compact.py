@@ -1,7 +1,7 @@
 """Physical channel pruning on MindSpore: :func:`compact` builds a new, narrower dense model.
 
 The model is deep-copied (``copy.deepcopy`` gives new Parameters), then every Conv2d / Dense /
-BatchNorm touched by a pruned channel group (:mod:`prunekit.channels`) is replaced by a new,
+BatchNorm touched by a pruned channel group (:mod:`prunekit.decisions.channel_groups`) is replaced by a new,
 smaller cell holding the kept slices of the old one's parameters and statistics: producers
 lose output rows, consumers input columns (a Dense after a flatten loses whole blocks of
 ``spatial`` columns), depthwise convs lose input, output and groups alike. Every parameter is
@@ -18,7 +18,7 @@ import numpy as np
 import mindspore as ms
 import mindspore.nn as nn
 
-from prunekit.channels import check_keep, find_channel_groups, layer_slices
+from prunekit.decisions.channel_groups import check_keep, find_channel_groups, layer_slices
 
 from .layers import _BN, MindSporeModelHandle
 

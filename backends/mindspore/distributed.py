@@ -16,7 +16,7 @@ through ``nn.DistributedGradReducer`` (an all-reduce, mean over ranks) first thi
 ``transform_gradients``, before the algorithm's hooks, so RigL's dense gradients in
 ``observe_gradients`` are the global batch's. Every rank then takes the same optimizer step and
 the run matches a single process over the same global batches up to the order of the float
-reductions. The :class:`~prunekit.distributed.ConsistencyGuard` broadcasts rank 0's masks on
+reductions. The :class:`~prunekit.app.distributed.ConsistencyGuard` broadcasts rank 0's masks on
 every change and checks decisions and weights at ``finish``. BatchNorm uses each rank's own
 batch statistics; the running statistics are averaged over ranks at ``finish`` and before
 evaluating.
@@ -31,7 +31,7 @@ import mindspore as ms
 import mindspore.nn as nn
 import mindspore.ops as msops
 
-from prunekit.distributed import (MS_ROLES, Communicator, ConsistencyGuard, CountingBatches,
+from prunekit.app.distributed import (MS_ROLES, Communicator, ConsistencyGuard, CountingBatches,
                                   average_running_stats, broadcast_state, combine_evaluation, set_world, shard, shard_batches, world)
 from prunekit.errors import ConfigError
 
@@ -71,7 +71,7 @@ class MindSporeCommunicator(Communicator):
 
 def init_distributed(device: Optional[str] = None) -> MindSporeCommunicator:
     """``mindspore.communication.init()`` under ``msrun``, data-parallel context (gradient mean),
-    and make the communicator :func:`prunekit.distributed.world`."""
+    and make the communicator :func:`prunekit.app.distributed.world`."""
     global _initialised
     from .ops import check_device
 

@@ -50,7 +50,7 @@ from mindspore.train import Callback
 
 from prunekit.algorithms.base import Algorithm
 from prunekit.errors import ConfigError
-from prunekit.schedules import LearningRateSchedule
+from prunekit.decisions.schedules import LearningRateSchedule
 
 from .fused import FusedUpdate
 from .layers import MindSporeModelHandle, write_

@@ -7,12 +7,12 @@
   own parameter names (``bn1.gamma``, ``bn1.moving_mean``, ``layer1.0.conv1.0.weight``: each
   parameter's path in the Cell, which is its ``Parameter.name`` in a freshly built model, so
   ``mindspore.load_param_into_net`` works on it too), plus the structure description next to it
-  (:class:`prunekit.export.ModelStructure`). :func:`load_checkpoint` rebuilds the model,
+  (:class:`prunekit.app.export.ModelStructure`). :func:`load_checkpoint` rebuilds the model,
   decomposed or compacted, from that description and loads every parameter, names and shapes
   checked. A PyTorch model becomes a ``.ckpt`` through the same code: its shared-name state is
   loaded into the rebuilt MindSpore twin, which is saved.
 
-:func:`export` is the entry point of ``prunekit export`` (:func:`prunekit.export.export_run`).
+:func:`export` is the entry point of ``prunekit export`` (:func:`prunekit.app.export.export_run`).
 Every writer goes through a temporary file, checks it, then renames it.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import mindspore.nn as nn
 import numpy as np
 
 from prunekit.errors import ConfigError, PlanError
-from prunekit.export import DEFAULT_TOLERANCE, ModelStructure, structure_path, write_checked
+from prunekit.app.export import DEFAULT_TOLERANCE, ModelStructure, structure_path, write_checked
 
 from .layers import MindSporeModelHandle, write_
 
@@ -80,7 +80,7 @@ def save_checkpoint(handle: MindSporeModelHandle, path: str, structure: ModelStr
 def load_checkpoint(path: str, structure: Optional[ModelStructure] = None) -> MindSporeModelHandle:
     """A new MindSpore model rebuilt from the structure description next to ``path`` (or
     ``structure``) holding the parameters of ``path``; every name and shape must match."""
-    import backends.mindspore as backend
+    import prunekit.backends.mindspore as backend
 
     structure = structure or ModelStructure.load(structure_path(path))
     if not os.path.exists(path):
@@ -107,7 +107,7 @@ def export(fmt: str, structure: ModelStructure, state: Dict[str, np.ndarray], ou
            reference: np.ndarray, tolerance: float = DEFAULT_TOLERANCE) -> dict:
     """Rebuild the model from ``structure`` + ``state`` and write it as ``fmt`` ("mindir" or
     "mindspore-ckpt"), checking the written file's outputs on ``x`` against ``reference``."""
-    import backends.mindspore as backend
+    import prunekit.backends.mindspore as backend
 
     handle = structure.build(backend, state)
     if fmt == "mindir":

@@ -1,4 +1,4 @@
-"""Compiled fast paths for the MindSpore :class:`~backends.mindspore.driver.Trainer` (CPU above all).
+"""Compiled fast paths for the MindSpore :class:`~prunekit.backends.mindspore.driver.Trainer` (CPU above all).
 
 In PyNative every small eager op costs on the order of a millisecond, so a driver that masks
 each gradient, adds each regulariser term and writes each projected weight one op at a time

@@ -1,4 +1,4 @@
-"""Prunable-layer discovery and the :class:`~prunekit.handle.ModelHandle` for MindSpore models.
+"""Prunable-layer discovery and the :class:`~prunekit.contract.handle.ModelHandle` for MindSpore models.
 
 Any ``nn.Conv2d`` (grouped and depthwise included) or ``nn.Dense`` is prunable. Spatial sizes
 for FLOPs come from one probe forward pass with forward hooks (``Cell.register_forward_hook``,
@@ -26,9 +26,9 @@ import mindspore.nn as nn
 import mindspore.ops as msops
 
 from prunekit.errors import ModelError, PlanError
-from prunekit.handle import ModelHandle
-from prunekit.layers import LayerInfo, require_prunable
-from prunekit.models import init_state
+from prunekit.contract.handle import ModelHandle
+from prunekit.contract.layers import LayerInfo, require_prunable
+from prunekit.contract.reference_models import init_state
 
 from .ops import MindSporeOps
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import mindspore.nn as nn
 import mindspore.ops as ops
 
-from prunekit.models import check_model_name
+from prunekit.contract.reference_models import check_model_name
 
 __all__ = ["build_model", "CifarResNet", "VGG", "MobileNetV2", "MnistCNN"]
 

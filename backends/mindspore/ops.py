@@ -30,7 +30,7 @@ from mindspore import ops as msops
 from mindspore.ops import operations as P
 
 from prunekit.errors import ConfigError
-from prunekit.ops import Ops
+from prunekit.contract.ops import Ops
 
 _DTYPES = {
     "float32": ms.float32, "float64": ms.float64, "int32": ms.int32, "int64": ms.int64,

@@ -26,7 +26,7 @@ import mindspore.ops as msops
 from prunekit.algorithms.sdprun import (COUPLINGS, SDPrunConfig, accumulate, group_soft_threshold, LambdaSchedule,
                                         managed_units)
 from prunekit.errors import ConfigError
-from prunekit.lowrank import rank_ops
+from prunekit.decisions.spectrum import rank_ops
 
 from .layers import write_
 from .ops import MindSporeOps
@@ -88,7 +88,7 @@ class SDPrun(nn.Optimizer):
         if coupling not in COUPLINGS:
             raise ConfigError(f"unknown coupling {coupling!r}; expected one of {', '.join(COUPLINGS)}")
         if groups is None:
-            from prunekit.channels import find_channel_groups
+            from prunekit.decisions.channel_groups import find_channel_groups
             groups = find_channel_groups(handle)
         units = managed_units(handle.layers, groups, coupling, exclude)
         ws = [[handle.module(n).weight for n in u] for u in units]

@@ -4,7 +4,7 @@
 (PyNative pays about a millisecond per op, which would hide the arithmetic) in eval mode on one
 random batch of its input shape and returns, per model, the median and fastest of its timed
 batches, each waited for (``asnumpy``), timed side by side by
-:func:`prunekit.timing.time_side_by_side` (at least one warm-up call: the first compiles).
+:func:`prunekit.app.timing.time_side_by_side` (at least one warm-up call: the first compiles).
 ``deploy`` is accepted for the PyTorch backend's signature; MindSpore's is always the compiled
 graph ("jit"). Train flags are restored.
 """
@@ -15,7 +15,7 @@ from typing import List, Sequence
 import mindspore as ms
 import numpy as np
 
-from prunekit.timing import time_side_by_side
+from prunekit.app.timing import time_side_by_side
 
 DEPLOYS = ("eager", "frozen", "compiled", "jit")
 

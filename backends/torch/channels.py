@@ -1,4 +1,4 @@
-"""PyTorch side of channel-group discovery (:mod:`prunekit.channels`): BatchNorm discovery and
+"""PyTorch side of channel-group discovery (:mod:`prunekit.decisions.channel_groups`): BatchNorm discovery and
 the channel probe.
 
 The probe runs one eval-mode forward in which every Conv2d/Linear is replaced by a function
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from prunekit.channels import OUTPUT
+from prunekit.decisions.channel_groups import OUTPUT
 
 from .layers import _BN, PRUNABLE
 

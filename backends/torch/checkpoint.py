@@ -1,6 +1,6 @@
 """PyTorch state for ``prunekit run`` checkpoints: optimizer state and random states as NumPy.
 
-The neutral format and the checks live in :mod:`prunekit.checkpoint`; this module only turns
+The neutral format and the checks live in :mod:`prunekit.app.checkpoint`; this module only turns
 the framework's state into the plain trees it stores, and back:
 
 * :func:`capture_training_state` / :func:`restore_training_state`: a :class:`~.driver.Trainer`'s
@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from prunekit.checkpoint import CheckpointError
+from prunekit.app.checkpoint import CheckpointError
 
 
 def make_deterministic(threads: int = 1) -> None:
@@ -82,7 +82,7 @@ def restore_training_state(trainer, state: dict) -> None:
 
 
 def rng_state() -> dict:
-    """PyTorch's generators (NumPy's and Python's: :func:`prunekit.checkpoint.host_rng_state`)."""
+    """PyTorch's generators (NumPy's and Python's: :func:`prunekit.app.checkpoint.host_rng_state`)."""
     state = {"framework": "torch", "torch": torch.get_rng_state().numpy().copy()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = [s.numpy().copy() for s in torch.cuda.get_rng_state_all()]

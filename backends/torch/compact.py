@@ -1,7 +1,7 @@
 """Physical channel pruning on PyTorch: :func:`compact` builds a new, narrower dense model.
 
 The model is deep-copied, then every Conv2d / Linear / BatchNorm touched by a pruned channel
-group (:mod:`prunekit.channels`) is replaced by a new, smaller module holding the kept slices of
+group (:mod:`prunekit.decisions.channel_groups`) is replaced by a new, smaller module holding the kept slices of
 the old one's parameters and statistics: producers lose output rows, consumers input columns
 (a linear after a flatten loses whole blocks of ``spatial`` columns), depthwise convs lose
 input, output and groups alike. The original model is not touched; the new handle re-discovers
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from prunekit.channels import check_keep, find_channel_groups, layer_slices
+from prunekit.decisions.channel_groups import check_keep, find_channel_groups, layer_slices
 
 from .layers import TorchModelHandle
 

@@ -14,7 +14,7 @@ DDP averages the gradients during the backward pass, so the algorithm's hooks (R
 gradients in ``observe_gradients`` included) see the gradient of the global batch, and every
 rank takes the same optimizer step: the run matches a single process over the same global
 batches up to the order of the float reductions. :class:`DistributedSession` adds the
-:class:`~prunekit.distributed.ConsistencyGuard` (masks broadcast from rank 0 on every change
+:class:`~prunekit.app.distributed.ConsistencyGuard` (masks broadcast from rank 0 on every change
 and compared; a final check of decisions and weights). BatchNorm uses each rank's own batch
 statistics (as DDP does without SyncBatchNorm, which PyTorch supports on GPUs only); the
 running statistics are averaged over ranks at ``finish`` and before evaluating.
@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from prunekit.distributed import (Communicator, ConsistencyGuard, average_running_stats, broadcast_state,
+from prunekit.app.distributed import (Communicator, ConsistencyGuard, average_running_stats, broadcast_state,
                                   CountingBatches, combine_evaluation, set_world, shard, shard_batches, world)
 from prunekit.errors import ConfigError
 
@@ -67,7 +67,7 @@ class TorchCommunicator(Communicator):
 
 def init_distributed(device: Optional[str] = None) -> TorchCommunicator:
     """Join the process group ``torchrun`` describes (gloo on CPU, NCCL on CUDA) and make it
-    :func:`prunekit.distributed.world`."""
+    :func:`prunekit.app.distributed.world`."""
     dev = torch.device(device) if device else torch.device("cpu")
     if dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

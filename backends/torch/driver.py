@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from prunekit.algorithms.base import Algorithm
 from prunekit.errors import ConfigError
-from prunekit.schedules import LearningRateSchedule
+from prunekit.decisions.schedules import LearningRateSchedule
 
 from .layers import TorchModelHandle
 

@@ -5,12 +5,12 @@
   onnxruntime on a check batch and compares with the model's own outputs before the file is put
   in place.
 * :func:`save_state_dict` writes ``model.state_dict()`` (``torch.save``) plus the structure
-  description next to it (:class:`prunekit.export.ModelStructure`); :func:`load_state_dict`
+  description next to it (:class:`prunekit.app.export.ModelStructure`); :func:`load_state_dict`
   rebuilds the model, decomposed or compacted, from that description and loads the file
   strictly. A MindSpore model becomes a ``.pt`` through the same code: its shared-name state is
   loaded into the rebuilt PyTorch twin, whose ``state_dict`` is saved.
 
-:func:`export` is the entry point of ``prunekit export`` (:func:`prunekit.export.export_run`).
+:func:`export` is the entry point of ``prunekit export`` (:func:`prunekit.app.export.export_run`).
 Every writer goes through a temporary file, checks it, then renames it: a failed check leaves
 no file behind.
 """
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from prunekit.errors import BackendUnavailable, ConfigError, PlanError
-from prunekit.export import DEFAULT_TOLERANCE, ModelStructure, structure_path, write_checked
+from prunekit.app.export import DEFAULT_TOLERANCE, ModelStructure, structure_path, write_checked
 
 from .layers import TorchModelHandle
 
@@ -101,7 +101,7 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
 def load_state_dict(path: str, structure: Optional[ModelStructure] = None) -> TorchModelHandle:
     """A new PyTorch model rebuilt from the structure description next to ``path`` (or
     ``structure``) holding the weights of ``path``; names and shapes must match exactly."""
-    import backends.torch as backend
+    import prunekit.backends.torch as backend
 
     structure = structure or ModelStructure.load(structure_path(path))
     state = read_state_dict(path)
@@ -117,7 +117,7 @@ def export(fmt: str, structure: ModelStructure, state: Dict[str, np.ndarray], ou
            reference: np.ndarray, tolerance: float = DEFAULT_TOLERANCE) -> dict:
     """Rebuild the model from ``structure`` + ``state`` and write it as ``fmt`` ("onnx" or
     "torch"), checking the written file's outputs on ``x`` against ``reference``."""
-    import backends.torch as backend
+    import prunekit.backends.torch as backend
 
     handle = structure.build(backend, state)
     if fmt == "onnx":

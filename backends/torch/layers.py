@@ -1,4 +1,4 @@
-"""Prunable-layer discovery and the :class:`~prunekit.handle.ModelHandle` for PyTorch models.
+"""Prunable-layer discovery and the :class:`~prunekit.contract.handle.ModelHandle` for PyTorch models.
 
 Any ``nn.Conv2d`` (grouped and depthwise included) or ``nn.Linear`` is prunable. Spatial sizes
 for FLOPs come from one probe forward pass with hooks, in eval mode, on the model's device.
@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 
 from prunekit.errors import ModelError, PlanError
-from prunekit.handle import ModelHandle
-from prunekit.layers import LayerInfo, require_prunable
-from prunekit.models import init_state
+from prunekit.contract.handle import ModelHandle
+from prunekit.contract.layers import LayerInfo, require_prunable
+from prunekit.contract.reference_models import init_state
 
 from .ops import TorchOps
 

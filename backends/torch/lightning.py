@@ -1,5 +1,5 @@
 """Prune inside PyTorch Lightning: a ``lightning.pytorch.Callback`` that drives a
-:class:`~backends.torch.driver.PruningSession` (any prunekit algorithm) from Lightning's hooks::
+:class:`~prunekit.backends.torch.driver.PruningSession` (any prunekit algorithm) from Lightning's hooks::
 
     callback = PruningCallback(make_algorithm("magnitude", sparsity=0.9), module="net")
     lightning.Trainer(max_steps=1000, callbacks=[callback]).fit(lit_module, loader)
@@ -104,7 +104,7 @@ class PruningCallback(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not pl_module.automatic_optimization:
             raise ConfigError("PruningCallback drives automatic optimization; with manual optimization call a "
-                              "backends.torch.PruningSession's methods in training_step instead")
+                              "prunekit.backends.torch.PruningSession's methods in training_step instead")
         if len(trainer.optimizers) != 1:
             raise ConfigError(f"PruningCallback needs exactly one optimizer, the module has {len(trainer.optimizers)}")
         if trainer.accumulate_grad_batches != 1:

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prunekit.models import check_model_name
+from prunekit.contract.reference_models import check_model_name
 
 __all__ = ["build_model", "CifarResNet", "VGG", "MobileNetV2", "MnistCNN"]
 

@@ -6,7 +6,7 @@ from typing import Callable, Dict
 import numpy as np
 import torch
 
-from prunekit.ops import Ops
+from prunekit.contract.ops import Ops
 
 _DTYPES = {
     "float32": torch.float32, "float64": torch.float64, "int32": torch.int32,

@@ -39,7 +39,7 @@ class SDPrun(torch.optim.Optimizer):
         if coupling not in COUPLINGS:
             raise ConfigError(f"unknown coupling {coupling!r}; expected one of {', '.join(COUPLINGS)}")
         if groups is None:
-            from prunekit.channels import find_channel_groups
+            from prunekit.decisions.channel_groups import find_channel_groups
             groups = find_channel_groups(handle)
         units = managed_units(handle.layers, groups, coupling, exclude)
         out, seen = [], set()

@@ -2,7 +2,7 @@
 
 ``time_inference(handles, batch)`` runs each model in eval mode without gradients on one random
 batch of its input shape and returns, per model, the median and fastest of its timed batches
-(CUDA synchronised), timed side by side by :func:`prunekit.timing.time_side_by_side`. How the
+(CUDA synchronised), timed side by side by :func:`prunekit.app.timing.time_side_by_side`. How the
 models run (``deploy``):
 
 * ``"eager"``: the ``nn.Module`` itself;
@@ -20,7 +20,7 @@ from typing import List, Sequence
 
 import torch
 
-from prunekit.timing import time_side_by_side
+from prunekit.app.timing import time_side_by_side
 
 DEPLOYS = ("eager", "frozen", "compiled")
 

@@ -1,15 +1,15 @@
 """Pruning algorithms, registered by name."""
 from __future__ import annotations
 
-from ..errors import ConfigError
-from .base import Algorithm, apply_plan, check_finite_weights
-from .channel import ChannelConfig, ChannelPruner
-from .dsa import DSAConfig, DSAPruner
-from .magnitude import MagnitudeConfig, MagnitudePruner
-from .precrop import PreCropConfig, PreCropPruner
-from .rpg import RPGConfig, RPGPruner
-from .sdprun import SDPrunConfig, SDPrunPruner
-from .trp import TRPConfig, TRPPruner
+from prunekit.errors import ConfigError
+from prunekit.algorithms.base import Algorithm, apply_plan, check_finite_weights
+from prunekit.algorithms.channel import ChannelConfig, ChannelPruner
+from prunekit.algorithms.dsa import DSAConfig, DSAPruner
+from prunekit.algorithms.magnitude import MagnitudeConfig, MagnitudePruner
+from prunekit.algorithms.precrop import PreCropConfig, PreCropPruner
+from prunekit.algorithms.rpg import RPGConfig, RPGPruner
+from prunekit.algorithms.sdprun import SDPrunConfig, SDPrunPruner
+from prunekit.algorithms.trp import TRPConfig, TRPPruner
 
 ALGORITHMS = {"magnitude": MagnitudePruner, "rpg": RPGPruner, "trp": TRPPruner, "sdprun": SDPrunPruner,
               "dsa": DSAPruner, "precrop": PreCropPruner, "channel": ChannelPruner}

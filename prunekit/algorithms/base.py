@@ -15,7 +15,7 @@ A driver calls, for every optimizer step ``t`` (0-based, counted over the whole 
    exactly zero whatever weight decay and momentum do; then ``after_step(t)`` for the
    algorithm's own post-step work (projections, thresholds).
 
-The algorithm only sees :class:`~prunekit.ops.Ops` and :class:`~prunekit.handle.ModelHandle`.
+The algorithm only sees :class:`~prunekit.contract.ops.Ops` and :class:`~prunekit.contract.handle.ModelHandle`.
 
 Checkpoints (resume after a crash)
 ----------------------------------
@@ -47,11 +47,11 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from ..errors import ModelError, PlanError
-from ..handle import ModelHandle
-from ..layers import require_prunable, signature
-from ..ops import Tensor
-from ..plan import PruningPlan
+from prunekit.errors import ModelError, PlanError
+from prunekit.contract.handle import ModelHandle
+from prunekit.contract.layers import require_prunable, signature
+from prunekit.contract.ops import Tensor
+from prunekit.decisions.plan import PruningPlan
 
 
 class Algorithm:

@@ -1,7 +1,7 @@
 """Group-aware channel pruning by filter L1 norm: the neutral channel baseline (issue #4).
 
 One-shot L1-norm filter pruning (Li et al. 2017, "Pruning Filters for Efficient ConvNets")
-applied to whole channel groups (:mod:`prunekit.channels`), then fine-tuning at the pruned
+applied to whole channel groups (:mod:`prunekit.decisions.channel_groups`), then fine-tuning at the pruned
 structure. The channel-pruning algorithms' benchmarks compare against it.
 
 Rule (see docs/DECISIONS.md, "Channel groups and compaction"):
@@ -33,10 +33,10 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from ..channels import ChannelGroup, find_channel_groups
-from ..errors import ConfigError, ModelError
-from ..selection import keep_count, top_channels
-from .base import Algorithm
+from prunekit.decisions.channel_groups import ChannelGroup, find_channel_groups
+from prunekit.errors import ConfigError, ModelError
+from prunekit.decisions.selection import keep_count, top_channels
+from prunekit.algorithms.base import Algorithm
 
 TARGETS = ("flops", "channels")
 ALLOCATIONS = ("global", "uniform")
@@ -86,7 +86,7 @@ def group_scores(groups: List[ChannelGroup], weights: Dict[str, np.ndarray]) -> 
 
 class MacModel:
     """Dense MACs of the model's prunable layers as a function of the kept channels per group
-    (what :func:`prunekit.flops.count_model` measures after compaction)."""
+    (what :func:`prunekit.decisions.flops.count_model` measures after compaction)."""
 
     def __init__(self, layers, groups: List[ChannelGroup]):
         out_of, in_of = {}, {}
@@ -302,6 +302,6 @@ class ChannelPruner(Algorithm):
         keep = state.get("channel_keep", {}) or {}
         bad = sorted(set(keep) - names)
         if bad:
-            from ..errors import PlanError
+            from prunekit.errors import PlanError
             raise PlanError(f"channel state names group(s) {bad[:3]} that model {self.handle.model_name!r} lacks")
         self.channel_keep = {k: np.asarray(v, np.int64) for k, v in keep.items()}

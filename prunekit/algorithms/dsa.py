@@ -1,8 +1,8 @@
 """DSA — differentiable sparsity allocation (Ning et al., ECCV 2020; ALGORITHMS.md §3).
 
-Budgeted channel pruning: every prunable channel group ``g`` (``prunekit.channels``) gets a keep
+Budgeted channel pruning: every prunable channel group ``g`` (``prunekit.decisions.channel_groups``) gets a keep
 ratio ``α_g = sigmoid(θ_g)``, learned by gradient descent on held-out data under the FLOPs
-budget ``F(α) ≤ B`` (:mod:`prunekit.channel_flops`), while the weights train on the rest.
+budget ``F(α) ≤ B`` (:mod:`prunekit.decisions.channel_flops`), while the weights train on the rest.
 
 The differentiable pruning op of one group (C channels), per forward pass:
 
@@ -37,7 +37,7 @@ uncompacted model computes what the compacted one does.
 Training schedule: the search runs over the first ``end_fraction`` of the steps, one α step on
 a validation batch every ``arch_every`` steps (before the weight step); then the channels are
 fixed and the remaining steps fine-tune at the final structure. The caller provides the held-out
-batches as ``algorithm.validation`` (an iterator of ``(x, y)`` NumPy batches); ``prunekit.job``
+batches as ``algorithm.validation`` (an iterator of ``(x, y)`` NumPy batches); ``prunekit.app.job``
 splits ``val_fraction`` (10 %) of the training set off for it.
 """
 from __future__ import annotations
@@ -48,12 +48,12 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..channel_flops import ChannelFlops
-from ..errors import ConfigError, ModelError, PlanError
-from ..plan import PruningPlan
-from ..selection import top_channels
-from ..layers import signature
-from .base import Algorithm
+from prunekit.decisions.channel_flops import ChannelFlops
+from prunekit.errors import ConfigError, ModelError, PlanError
+from prunekit.decisions.plan import PruningPlan
+from prunekit.decisions.selection import top_channels
+from prunekit.contract.layers import signature
+from prunekit.algorithms.base import Algorithm
 
 #: the keep-probability floor of the release (p = sigmoid(...) + 0.01)
 P_FLOOR = 0.01
@@ -239,7 +239,7 @@ class DSAConfig:
 
 def backend_gates(handle) -> Callable:
     """The ``ChannelGates`` class of the handle's backend (``backends/<fw>/gates.py``)."""
-    from ..channels import backend_module
+    from prunekit.decisions.channel_groups import backend_module
 
     return backend_module(handle, "gates").ChannelGates
 
@@ -271,7 +271,7 @@ class DSAPruner(Algorithm):
         if self._given_groups is not None:
             groups = self._given_groups
         else:
-            from ..channels import find_channel_groups
+            from prunekit.decisions.channel_groups import find_channel_groups
             groups = find_channel_groups(handle)
         self.groups = list(groups)
         self.flops_model = ChannelFlops(self.groups, handle.layers)
@@ -346,7 +346,7 @@ class DSAPruner(Algorithm):
         gradient to α, θ update, budget projection. Returns what it computed."""
         if self.validation is None:
             raise ConfigError("DSA needs held-out batches for its α steps: set algorithm.validation to an "
-                              "iterator of (x, y) batches (prunekit.job splits off val_fraction of the training set)")
+                              "iterator of (x, y) batches (prunekit.app.job splits off val_fraction of the training set)")
         try:
             while self._val_skip > 0:  # a resumed run continues where the held-out batches were
                 next(self.validation)

@@ -13,11 +13,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, Sequence
 
-from ..errors import ConfigError
-from ..schedules import SparsitySchedule
-from ..selection import (channel_scores, check_sparsity, expand_channel_mask, global_topk_masks,
+from prunekit.errors import ConfigError
+from prunekit.decisions.schedules import SparsitySchedule
+from prunekit.decisions.selection import (channel_scores, check_sparsity, expand_channel_mask, global_topk_masks,
                          keep_count, topk_mask)
-from .base import Algorithm
+from prunekit.algorithms.base import Algorithm
 
 GRANULARITIES = ("unstructured", "channel")
 SCOPES = ("global", "layer")

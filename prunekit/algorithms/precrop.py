@@ -2,16 +2,16 @@
 
 Steps (ALGORITHMS.md section 5; the rules chosen are in docs/DECISIONS.md, "PreCropping"):
 
-1. **Scores** at initialization (:mod:`prunekit.pai`): SNIP, GraSP or SynFlow on the conv/linear
+1. **Scores** at initialization (:mod:`prunekit.decisions.pai_scores`): SNIP, GraSP or SynFlow on the conv/linear
    weights of the *scored* layers: every prunable layer except shortcut convs (a layer whose
    name has a ``shortcut`` or ``downsample`` path component), unless ``score_shortcuts``.
    BN parameters and biases are never scored.
 2. **Layer densities** ``d_l = kept / total`` from ONE global threshold over all scored layers
-   (:func:`prunekit.selection.global_topk_masks`, the documented tie rule), keeping
+   (:func:`prunekit.decisions.selection.global_topk_masks`, the documented tie rule), keeping
    ``keep_count(N, sparsity)`` weights. These masks are also the unstructured baseline
    (``structure="unstructured"``): same scores, same count.
 3. **Channel ratios** (:func:`solve_channel_ratios`): one unknown ``x_g = log r_g`` per prunable
-   channel group (:func:`prunekit.channels.find_channel_groups`; residual groups are one group,
+   channel group (:func:`prunekit.decisions.channel_groups.find_channel_groups`; residual groups are one group,
    so they share one ratio); groups that are not prunable (the image, the logits, coupled
    channels) are fixed at ``r = 1``. Each scored layer gives one equation:
    ``x_in + x_out = log d_l`` for a conv/linear (fixed groups contribute 0), ``x_g = log d_l`` for a
@@ -42,13 +42,13 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import ConfigError, ModelError
-from ..layers import LayerInfo
-from ..pai import GRASP_TEMPERATURE, SCORES, layer_densities, score_masks
-from ..plan import PruningPlan
-from ..selection import check_sparsity, keep_count, top_channels
-from ..layers import signature
-from .base import Algorithm
+from prunekit.errors import ConfigError, ModelError
+from prunekit.contract.layers import LayerInfo
+from prunekit.decisions.pai_scores import GRASP_TEMPERATURE, SCORES, layer_densities, score_masks
+from prunekit.decisions.plan import PruningPlan
+from prunekit.decisions.selection import check_sparsity, keep_count, top_channels
+from prunekit.contract.layers import signature
+from prunekit.algorithms.base import Algorithm
 
 STRUCTURES = ("channels", "unstructured")
 #: path components that mark a shortcut (projection) conv, not scored by default
@@ -332,7 +332,7 @@ class PreCropPruner(Algorithm):
     def prepare(self, handle, backend, batches: Iterable = (), seed: int = 0):
         """Score ``handle`` at initialization and return the model to train: a new narrow dense
         model (``structure="channels"``) or ``handle`` itself with the PAI masks to hold fixed."""
-        from ..channels import compact, find_channel_groups
+        from prunekit.decisions.channel_groups import compact, find_channel_groups
 
         self._signature = signature(handle.layers)
         self._model_name = handle.model_name

@@ -27,7 +27,7 @@ Semantics (``semantics``):
   before each mask update, where the optimizer step is skipped; it acts only through the
   regrowth score (the dense gradient of task + λ·rank loss).
 
-The spectra come from :class:`prunekit.lowrank.SpectrumEngine` (``spectrum`` = "exact",
+The spectra come from :class:`prunekit.decisions.spectrum.SpectrumEngine` (``spectrum`` = "exact",
 "gram" or "subspace"), batched over same-shape layers. ``rank_on`` chooses where the rank term
 is computed: on the framework's device, or on the host with NumPy (``"auto"`` asks the backend:
 MindSpore on a CPU prefers the host, whose small-op overhead is far lower than PyNative's).
@@ -40,13 +40,13 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from ..errors import ConfigError
-from ..lowrank import from_rank_ops, matrix_view, to_rank_ops
-from ..schedules import SparsitySchedule
-from ..tracking import batch_scalars, bind_rank_machinery, check_rank_settings, load_rank_machinery, save_rank_machinery
-from ..selection import check_sparsity, residual_rank, topk_mask
-from .base import Algorithm, tensors_from_numpy, tensors_to_numpy
-from .magnitude import magnitude_masks
+from prunekit.errors import ConfigError
+from prunekit.decisions.spectrum import from_rank_ops, matrix_view, to_rank_ops
+from prunekit.decisions.schedules import SparsitySchedule
+from prunekit.decisions.spectrum_tracking import batch_scalars, bind_rank_machinery, check_rank_settings, load_rank_machinery, save_rank_machinery
+from prunekit.decisions.selection import check_sparsity, residual_rank, topk_mask
+from prunekit.algorithms.base import Algorithm, tensors_from_numpy, tensors_to_numpy
+from prunekit.algorithms.magnitude import magnitude_masks
 
 SEMANTICS = ("paper", "release")
 
@@ -61,7 +61,7 @@ class RPGConfig:
     frequency: int = 100
     end_fraction: float = 0.8
     drop_alpha: float = 0.3
-    spectrum: str = "auto"  # "auto": tracked on an accelerator, gram on a CPU (prunekit.tracking)
+    spectrum: str = "auto"  # "auto": tracked on an accelerator, gram on a CPU (prunekit.decisions.spectrum_tracking)
     refresh_every: Optional[int] = None  # subspace/tracked: exact solve every N steps (default 50/10)
     solve_lag: Optional[int] = None  # tracked: install each solve N steps later (default 8 on accelerators, else 0)
     rank_on: str = "auto"  # "device", "host" (NumPy), or "auto": the backend's preference
@@ -197,7 +197,7 @@ class RPGPruner(Algorithm):
 
     def _tracked_rank_gradients(self, scale: float) -> Dict[str, object]:
         """The same gradient, per shape group on stacked matrices, with the bases and ranks of the
-        last exact solve (:mod:`prunekit.tracking`): no host read-back between solves. With an
+        last exact solve (:mod:`prunekit.decisions.spectrum_tracking`): no host read-back between solves. With an
         orthonormal basis Ŵ is an orthogonal projection of Mn, so ⟨Mn, R⟩ = ‖R‖² still holds."""
         ops, tracker = self.rank_ops, self.tracker
         mats = {l.name: matrix_view(ops, to_rank_ops(self, self.handle.weight(l.name))) for l in self.conv_layers}

@@ -11,13 +11,13 @@ A group is one output channel (filter: a row along axis 0) of a producer layer
 (``coupling="filter"``, the default), or one channel of a channel group taken jointly over all
 its producers (``coupling="channel"``: A_g concatenates the filter of every producer and |g| is
 their total number of entries, so coupled filters are zeroed together). The managed weights
-are the conv/linear producers of *prunable* channel groups (:mod:`prunekit.channels`);
+are the conv/linear producers of *prunable* channel groups (:mod:`prunekit.decisions.channel_groups`);
 everything else (BatchNorm, biases, depthwise convs, the logits layer) takes plain SGD steps
 with the same gamma, which is the framework optimizer's job (SGD, lr = gamma, no momentum, no
 weight decay, constant rate; :meth:`SDPrunPruner.trainer_overrides` says so to the job).
 
 The math lives in the module-level functions (:func:`accumulate`, :func:`group_soft_threshold`,
-:class:`LambdaSchedule`), written against :class:`~prunekit.ops.Ops`, so that the algorithm
+:class:`LambdaSchedule`), written against :class:`~prunekit.contract.ops.Ops`, so that the algorithm
 (driven through :mod:`prunekit.algorithms.base`) and the framework-native optimizers
 (``backends/<fw>/optimizers.py``) run the same code. The lambda increments follow Chao et al.'s
 released gRDA optimizer (step counter starting at 1, accumulator starting at w_0).
@@ -35,9 +35,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import ConfigError, ModelError
-from ..ops import Ops, Tensor
-from .base import Algorithm
+from prunekit.errors import ConfigError, ModelError
+from prunekit.contract.ops import Ops, Tensor
+from prunekit.algorithms.base import Algorithm
 
 COUPLINGS = ("filter", "channel")
 UPDATE_ON = ("auto", "device", "host")
@@ -184,7 +184,7 @@ class SDPrunPruner(Algorithm):
     Per step: ``transform_gradients`` moves the accumulators (A -= gamma * g); the framework
     optimizer then steps every parameter by plain SGD; ``after_step`` overwrites the managed
     weights with the thresholded accumulators (so whatever the optimizer did to them is
-    discarded). ``groups`` (a list of :class:`prunekit.channels.ChannelGroup`) defaults to
+    discarded). ``groups`` (a list of :class:`prunekit.decisions.channel_groups.ChannelGroup`) defaults to
     ``find_channel_groups(handle)``."""
 
     name = "sdprun"
@@ -204,7 +204,7 @@ class SDPrunPruner(Algorithm):
         if self._given_groups is not None:
             groups = self._given_groups
         else:
-            from ..channels import find_channel_groups
+            from prunekit.decisions.channel_groups import find_channel_groups
             groups = find_channel_groups(handle)
         self.groups = list(groups)
         self.units = managed_units(handle.layers, self.groups, self.config.coupling, self.config.exclude)
@@ -214,7 +214,7 @@ class SDPrunPruner(Algorithm):
         ops = self.ops
         # where the update runs: MindSpore on a CPU pays ~a millisecond per PyNative op, and the
         # update is a dozen small ops per layer, so it prefers the host (as RPG's rank term)
-        from ..lowrank import rank_ops
+        from prunekit.decisions.spectrum import rank_ops
         self.uops = rank_ops(ops, self.config.update_on)
         self._host = self.uops is not ops
         # A_0 = w_0 (a copy: the weight itself is overwritten every step)

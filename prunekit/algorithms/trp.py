@@ -6,7 +6,7 @@ negligible loss and no fine-tuning.
 * Layers: every k×k conv with k > 1 except the stem (the first conv); 1×1 convs and linear
   layers are left alone.
 * Every ``every`` steps (the release's m), per layer, on the matrix view of ``scheme``
-  ("channel" = NC, "spatial" = VH; see :mod:`prunekit.lowrank`): r = the smallest rank with
+  ("channel" = NC, "spatial" = VH; see :mod:`prunekit.decisions.spectrum`): r = the smallest rank with
   Σ_{i≤r} σ_i² ≥ e·E; the weight is replaced by its rank-r truncation (the TRP projection) at
   the start of the step, so the step's gradient is taken at the rank-r weights, and
   λ·U_r V_rᵀ (the nuclear-norm sub-gradient of the truncated factors) is added to that gradient
@@ -28,11 +28,11 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from ..errors import ConfigError
-from ..lowrank import SCHEMES, from_matrix_view, from_rank_ops, matrix_view, to_rank_ops
-from ..selection import energy_rank, value_rank
-from ..tracking import bind_rank_machinery, check_rank_settings, load_rank_machinery, positive, save_rank_machinery
-from .base import Algorithm, tensors_from_numpy, tensors_to_numpy
+from prunekit.errors import ConfigError
+from prunekit.decisions.spectrum import SCHEMES, from_matrix_view, from_rank_ops, matrix_view, to_rank_ops
+from prunekit.decisions.selection import energy_rank, value_rank
+from prunekit.decisions.spectrum_tracking import bind_rank_machinery, check_rank_settings, load_rank_machinery, positive, save_rank_machinery
+from prunekit.algorithms.base import Algorithm, tensors_from_numpy, tensors_to_numpy
 
 
 @dataclass
@@ -42,7 +42,7 @@ class TRPConfig:
     every: int = 1
     scheme: str = "channel"
     threshold: float = 0.05
-    spectrum: str = "auto"  # "auto": tracked on an accelerator, gram on a CPU (prunekit.tracking)
+    spectrum: str = "auto"  # "auto": tracked on an accelerator, gram on a CPU (prunekit.decisions.spectrum_tracking)
     refresh_every: Optional[int] = None  # subspace/tracked: exact solve every N steps (default 50/10)
     solve_lag: Optional[int] = None  # tracked: install each solve N steps later (default 8 on accelerators, else 0)
     rank_on: str = "auto"  # "device", "host" (NumPy), or "auto": the backend's preference
@@ -120,7 +120,7 @@ class TRPPruner(Algorithm):
 
     def _tracked_step(self) -> None:
         """Projection and nuclear term per shape group with the bases and ranks of the last exact
-        solve (:mod:`prunekit.tracking`). σ_j are the row norms of U_rᵀM for the current weights,
+        solve (:mod:`prunekit.decisions.spectrum_tracking`). σ_j are the row norms of U_rᵀM for the current weights,
         so U_r V_rᵀ = U_r diag(1/σ) U_rᵀ M needs no host read-back."""
         c, ops, tracker = self.config, self.rank_ops, self.tracker
         mats = {l.name: matrix_view(ops, to_rank_ops(self, self.handle.weight(l.name)), c.scheme) for l in self.layers}

@@ -14,8 +14,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-import backends.torch as bt  # noqa: E402
-from prunekit import data  # noqa: E402
+import prunekit.backends.torch as bt  # noqa: E402
+from prunekit.app import data  # noqa: E402
 
 
 def main():

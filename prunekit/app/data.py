@@ -11,7 +11,7 @@ for ``"cifar10"``, ``"mnist"`` and ``"fashion_mnist"``.
 * **CIFAR-10** is read from either of two layouts (see :func:`find_cifar10`):
 
   - a folder holding ``train.zip`` and ``test.zip`` whose members are
-    ``<split>/<class>/<NNNN>.jpg`` (the JPEG copy under ``shared/datasets/cifar10``).
+    ``<split>/<class>/<NNNN>.jpg`` (a JPEG copy of CIFAR-10).
     Members are decoded straight from the archive; a full split is cached as ``.npz`` in
     the cache folder (argument ``cache_dir``, else ``$PRUNEKIT_CACHE``, else
     ``~/.cache/prunekit``), keyed by the zip's size and mtime. A subset (``limit``) decodes
@@ -57,7 +57,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import ConfigError, DataError
+from prunekit.errors import ConfigError, DataError
 
 DATASETS = ("cifar10", "mnist", "fashion_mnist")
 
@@ -73,7 +73,6 @@ _STATS = {
     "fashion_mnist": ((0.2860,), (0.3530,)),
 }
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
 _CIFAR_BATCH_DIR = "cifar-10-batches-py"
 _CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -185,9 +184,8 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, train_limit: 
 def find_cifar10(root: str | os.PathLike | None = None) -> Path:
     """The folder holding CIFAR-10, in the zip layout or the ``cifar-10-batches-py`` layout.
 
-    Looks, in order, at ``root`` when given (and then nowhere else), ``$PRUNEKIT_DATA``, and
-    ``../shared/datasets/cifar10`` beside the repository. Each place may be the data folder
-    itself or hold it as ``cifar-10-batches-py/`` or ``cifar10/``. Raises
+    Looks at ``root`` when given, else at ``$PRUNEKIT_DATA``; there is no built-in place. The
+    folder may be the data folder itself or hold it as ``cifar-10-batches-py/`` or ``cifar10/``. Raises
     :class:`~prunekit.errors.DataError` naming every path looked at when none fits.
     """
     if root is not None:
@@ -196,7 +194,9 @@ def find_cifar10(root: str | os.PathLike | None = None) -> Path:
         places = []
         if os.environ.get("PRUNEKIT_DATA"):
             places.append(Path(os.environ["PRUNEKIT_DATA"]).expanduser())
-        places.append(_REPO_ROOT.parent / "shared" / "datasets" / "cifar10")
+    if not places:
+        raise DataError("CIFAR-10 not found: no folder given; pass --data-root (data_root in a recipe) "
+                        "or set $PRUNEKIT_DATA to the folder holding it")
     looked = []
     for place in places:
         for folder in (place, place / _CIFAR_BATCH_DIR, place / "cifar10"):

@@ -1,6 +1,6 @@
 """FLOPs of a channel-pruned model as a quadratic function of the per-group keep ratios.
 
-With channel groups (``prunekit.channels``) a conv or linear layer whose output channels are
+With channel groups (``prunekit.decisions.channel_groups``) a conv or linear layer whose output channels are
 group ``i`` and whose input channels are group ``j`` costs ``α_i·α_j`` times its dense cost when
 the groups keep the fractions ``α`` of their channels; a layer fed by the image (or writing the
 logits) scales with one ratio only, and a depthwise conv with its group's ratio. Hence
@@ -9,7 +9,7 @@ logits) scales with one ratio only, and a depthwise conv with its group's ratio.
 
 (DSA, ALGORITHMS.md §3), with ``A_ij`` the dense cost of the layers from group ``j`` into group
 ``i``, ``B_i`` the costs that scale with ``α_i`` alone and ``F_0`` what no ratio changes. Costs
-are MACs per sample, counted as :mod:`prunekit.flops` counts them (every weight entry costs one
+are MACs per sample, counted as :mod:`prunekit.decisions.flops` counts them (every weight entry costs one
 MAC per output position), so where ``α_i·C_i`` is an integer for every group, ``F(α)`` equals
 ``count_model``'s ``dense_macs`` of the model compacted to those channel counts exactly.
 
@@ -22,19 +22,19 @@ from typing import Dict, Sequence
 
 import numpy as np
 
-from .errors import ModelError
-from .layers import LayerInfo
+from prunekit.errors import ModelError
+from prunekit.contract.layers import LayerInfo
 
 
 def layer_macs(layer: LayerInfo) -> int:
-    """Dense MACs of one layer per sample, as :func:`prunekit.flops.count_layer` counts them."""
+    """Dense MACs of one layer per sample, as :func:`prunekit.decisions.flops.count_layer` counts them."""
     return int(layer.numel) * int(layer.macs_per_weight)
 
 
 class ChannelFlops:
     """The quadratic FLOPs model of a model's channel groups.
 
-    ``groups``: :class:`prunekit.channels.ChannelGroup` objects (anything with ``name``,
+    ``groups``: :class:`prunekit.decisions.channel_groups.ChannelGroup` objects (anything with ``name``,
     ``size``, ``producers``, ``consumers``, ``depthwise``, ``prunable``); ``layers``: the model's
     :class:`LayerInfo` list. Every layer is found as a producer, consumer or depthwise member of
     at most one group per role; layers in no group cost a constant.

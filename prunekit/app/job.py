@@ -21,25 +21,25 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from . import checkpoint
-from . import data as datasets
-from .algorithms import ALGORITHMS, make_algorithm
-from .algorithms.channel import ChannelConfig
-from .algorithms.dsa import DSAConfig
-from .algorithms.magnitude import MagnitudeConfig
-from .algorithms.precrop import PreCropConfig
-from .algorithms.rpg import RPGConfig
-from .algorithms.sdprun import SDPrunConfig
-from .algorithms.trp import TRPConfig
-from .backend import check_backend_name, get_backend
-from .distributed import check_batch_size, parallel_backend, start_distributed
-from .errors import ConfigError
-from .models import check_model_name
-from .plots import write_run_plots
-from .progress import RunProgress
-from .flops import count_handle
-from .report import build_report, format_report, save_report
-from .selection import check_sparsity
+from prunekit.app import checkpoint
+from prunekit.app import data as datasets
+from prunekit.algorithms import ALGORITHMS, make_algorithm
+from prunekit.algorithms.channel import ChannelConfig
+from prunekit.algorithms.dsa import DSAConfig
+from prunekit.algorithms.magnitude import MagnitudeConfig
+from prunekit.algorithms.precrop import PreCropConfig
+from prunekit.algorithms.rpg import RPGConfig
+from prunekit.algorithms.sdprun import SDPrunConfig
+from prunekit.algorithms.trp import TRPConfig
+from prunekit.contract.backend import check_backend_name, get_backend
+from prunekit.app.distributed import check_batch_size, parallel_backend, start_distributed
+from prunekit.errors import ConfigError
+from prunekit.contract.reference_models import check_model_name
+from prunekit.app.plots import write_run_plots
+from prunekit.app.run_state import RunProgress
+from prunekit.decisions.flops import count_handle
+from prunekit.app.report import build_report, format_report, save_report
+from prunekit.decisions.selection import check_sparsity
 
 
 ALGORITHM_CONFIGS = {"magnitude": MagnitudeConfig, "rpg": RPGConfig, "trp": TRPConfig, "sdprun": SDPrunConfig,
@@ -303,7 +303,7 @@ def _compact(backend, handle, channel_keep, echo, latency_batch: int = 0):
     """Channel pruning's last step: the narrower dense model and the report section, with
     parameters and MACs of both models measured from their layers (and, with ``latency_batch``,
     their inference latency: :func:`_latency`)."""
-    from .channels import find_channel_groups
+    from prunekit.decisions.channel_groups import find_channel_groups
 
     before = count_handle(handle)
     groups = {g.name: g.size for g in find_channel_groups(handle)}
@@ -413,7 +413,7 @@ def _endless_batches(x, y, ds, cfg: RunConfig):
 
 
 def _identity(cfg: RunConfig) -> dict:
-    """What a checkpoint must match to be resumed by this run (see :mod:`prunekit.checkpoint`)."""
+    """What a checkpoint must match to be resumed by this run (see :mod:`prunekit.app.checkpoint`)."""
     settings = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     return {"backend": cfg.backend, "model": cfg.model, "algorithm": cfg.algorithm, "dataset": cfg.dataset,
             "config": checkpoint.run_fingerprint(settings)}
@@ -421,7 +421,7 @@ def _identity(cfg: RunConfig) -> dict:
 
 def _decompose(backend, handle, algorithm, cfg: RunConfig):
     """TRP's final step: split each trained low-rank conv into two convs; measure both models."""
-    from .decompose import plan_decompositions
+    from prunekit.app.decompose import plan_decompositions
 
     before = count_handle(handle)
     decompositions = plan_decompositions(handle, algorithm.config.scheme, threshold=cfg.decompose_threshold,

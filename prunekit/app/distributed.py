@@ -29,7 +29,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .errors import ConfigError, PrunekitError
+from prunekit.errors import ConfigError, PrunekitError
 
 log = logging.getLogger(__name__)
 

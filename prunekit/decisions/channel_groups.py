@@ -35,7 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import ModelError
+from prunekit.errors import ModelError
 
 #: the key under which a backend probe reports the model's output
 OUTPUT = "<output>"
@@ -65,7 +65,7 @@ class ChannelGroup:
 def backend_module(handle, part: str):
     """``backends.<fw>.<part>`` for the backend a handle belongs to (imported on demand)."""
     pkg = type(handle).__module__.rsplit(".", 1)[0]
-    if not pkg.startswith("backends."):
+    if not pkg.startswith("prunekit.backends."):
         raise ModelError(f"{type(handle).__name__} is not a backend model handle; channel groups need one")
     return importlib.import_module(f"{pkg}.{part}")
 
@@ -369,7 +369,7 @@ def compact_with_plan(handle, plan):
     """Replay a plan's ``kept_channels`` on a model: checks the plan against the model's layer
     signature first (a plan from another model raises :class:`~prunekit.errors.PlanError`), then
     returns the compacted handle; the model given is not changed."""
-    from .errors import PlanError
+    from prunekit.errors import PlanError
 
     plan.check_matches(handle.layers, handle.model_name)
     if not plan.kept_channels:

@@ -11,8 +11,8 @@ from typing import Dict, List
 
 import numpy as np
 
-from .layers import LayerInfo
-from .ops import Ops, Tensor
+from prunekit.contract.layers import LayerInfo
+from prunekit.contract.ops import Ops, Tensor
 
 
 class ModelHandle(abc.ABC):

@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .errors import ConfigError
-from .selection import check_sparsity
+from prunekit.errors import ConfigError
+from prunekit.decisions.selection import check_sparsity
 
 SCHEDULES = ("cubic", "exponential", "oneshot")
 

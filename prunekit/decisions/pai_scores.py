@@ -1,6 +1,6 @@
 """Pruning-at-initialization (PAI) scores, written once on the op contract: SNIP, GraSP, SynFlow.
 
-Each scorer takes a :class:`~prunekit.handle.ModelHandle` and returns one score tensor per scored
+Each scorer takes a :class:`~prunekit.contract.handle.ModelHandle` and returns one score tensor per scored
 layer (conv/linear weights, in the model's layer order), in the backend's tensors. The model is
 given back exactly as it came: every scorer snapshots the whole state (weights, BN parameters and
 statistics) and the train/eval mode first and restores them afterwards, so BN running statistics
@@ -12,7 +12,7 @@ updated by train-mode forwards and SynFlow's |θ| weights leave no trace.
   mean gradient over the batches and ``H`` the Hessian of the same mean loss with respect to the
   scored weights; low scores are pruned (the reference code removes the *highest* ``-θ ⊙ Hg``,
   the same thing). ``H g`` is the backend's Hessian-vector product
-  (:meth:`~prunekit.ops.Ops.hessian_vector_product`, second-order autograd: exact for the
+  (:meth:`~prunekit.contract.ops.Ops.hessian_vector_product`, second-order autograd: exact for the
   locally-linear ReLU network, as the reference code's double backward). A finite difference of
   gradients was tried and rejected: on ReLU/max-pool networks it is biased by the kinks a step
   crosses, whatever the step (40-120 % error, float64 too). MindSpore 2.10 on CPU has no reliable
@@ -40,10 +40,10 @@ from typing import Callable, Dict, Iterable, List, Sequence, Tuple
 
 import numpy as np
 
-from .errors import ConfigError, ModelError
-from .handle import ModelHandle
-from .ops import Ops, Tensor
-from .selection import global_topk_masks
+from prunekit.errors import ConfigError, ModelError
+from prunekit.contract.handle import ModelHandle
+from prunekit.contract.ops import Ops, Tensor
+from prunekit.decisions.selection import global_topk_masks
 
 SCORES = ("snip", "grasp", "synflow")
 #: default GraSP temperature (the logits are divided by it)
@@ -223,7 +223,7 @@ def synflow_masks(handle: ModelHandle, layers: Sequence[str], keep: int, rounds:
 
     Round ``t`` (1..rounds) scores the currently masked |θ| and keeps
     ``round(N · (keep/N)^(t/rounds))`` weights (the last round exactly ``keep``) with one global
-    threshold (:func:`~prunekit.selection.global_topk_masks`). The model is restored afterwards.
+    threshold (:func:`~prunekit.decisions.selection.global_topk_masks`). The model is restored afterwards.
     """
     if int(rounds) < 1:
         raise ConfigError(f"rounds must be >= 1, got {rounds!r}")

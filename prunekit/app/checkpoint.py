@@ -4,7 +4,7 @@ refuse a checkpoint which does not belong to the run being resumed.
 A checkpoint is one file, ``<out>/checkpoint/state.npz``: a NumPy ``.npz`` (a zip, every member
 CRC-checked on read) holding a JSON tree under ``__tree__`` in which each NumPy array is replaced
 by a reference ``{"__ndarray__": "<member>"}`` to its own member. No pickles: loading a
-checkpoint never runs code. The tree, written by :mod:`prunekit.job`, holds
+checkpoint never runs code. The tree, written by :mod:`prunekit.app.job`, holds
 
 * ``identity``: backend, model, algorithm, data set and every run setting that changes the
   result (:func:`run_fingerprint`), compared with the resuming run's before anything is loaded;
@@ -33,7 +33,7 @@ from typing import Any, Dict, Tuple
 
 import numpy as np
 
-from .errors import PlanError
+from prunekit.errors import PlanError
 
 FORMAT = "prunekit-checkpoint"
 VERSION = 1

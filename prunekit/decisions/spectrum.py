@@ -31,11 +31,11 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from .errors import ConfigError
-from .ops import Ops, Tensor
+from prunekit.errors import ConfigError
+from prunekit.contract.ops import Ops, Tensor
 
 SCHEMES = ("channel", "spatial")
-METHODS = ("auto", "exact", "gram", "subspace", "tracked")  # auto, tracked: prunekit.tracking
+METHODS = ("auto", "exact", "gram", "subspace", "tracked")  # auto, tracked: prunekit.decisions.spectrum_tracking
 
 
 def matrix_view(ops: Ops, w: Tensor, scheme: str = "channel") -> Tensor:
@@ -113,7 +113,7 @@ class SpectrumEngine:
     def __init__(self, ops: Ops, method: str = "gram", refresh_every: int = 50, oversample: int = 4):
         if method not in METHODS:
             raise ConfigError(f"unknown spectrum method {method!r}; expected one of {', '.join(METHODS)}")
-        if method in ("auto", "tracked"):  # resolved by prunekit.tracking.resolve_spectrum; tracked uses its BasisTracker
+        if method in ("auto", "tracked"):  # resolved by prunekit.decisions.spectrum_tracking.resolve_spectrum; tracked uses its BasisTracker
             method = "gram"
         if refresh_every < 1 or oversample < 0:
             raise ConfigError("refresh_every must be >= 1 and oversample >= 0")
@@ -253,7 +253,7 @@ def rank_ops(ops: Ops, where: str = "auto") -> Ops:
     """The ops the rank machinery runs on: the backend's (``"device"``), NumPy's (``"host"``),
     or the backend's preference (``"auto"``, its ``prefers_host_linalg`` attribute)."""
     if where == "host" or (where == "auto" and getattr(ops, "prefers_host_linalg", False)):
-        from .numpy_ops import NumpyOps
+        from prunekit.contract.numpy_ops import NumpyOps
         return NumpyOps()
     return ops
 

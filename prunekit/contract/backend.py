@@ -1,6 +1,6 @@
 """Backend registry: find a framework adapter by name without importing the framework here.
 
-``get_backend("torch")`` imports ``backends.torch`` (and so PyTorch) only when asked. A backend
+``get_backend("torch")`` imports ``prunekit.backends.torch`` (and so PyTorch) only when asked. A backend
 module exposes ``NAME``, an ``Ops`` class, ``model_handle(...)``, ``Trainer`` and
 ``PruningSession``; see ``backends/__init__.py`` for the file layout.
 """
@@ -9,9 +9,9 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from .errors import BackendUnavailable, ConfigError
+from prunekit.errors import BackendUnavailable, ConfigError
 
-BACKENDS = {"torch": "backends.torch", "mindspore": "backends.mindspore"}
+BACKENDS = {"torch": "prunekit.backends.torch", "mindspore": "prunekit.backends.mindspore"}
 ALIASES = {"pytorch": "torch", "ms": "mindspore"}
 _FRAMEWORK_MODULE = {"torch": "torch", "mindspore": "mindspore"}
 

@@ -12,7 +12,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from .layers import LayerInfo
+from prunekit.contract.layers import LayerInfo
 
 
 @dataclass

@@ -7,7 +7,7 @@ trajectory, the accuracies, and when to checkpoint.
   sparsity *measured from the algorithm's masks* (pruned entries over all prunable weights),
   the mean of the algorithm's ranks where it has ranks, the step's train loss and the running
   train accuracy of the epoch;
-* writes a checkpoint (:mod:`prunekit.checkpoint`) every ``checkpoint_every`` steps and at the
+* writes a checkpoint (:mod:`prunekit.app.checkpoint`) every ``checkpoint_every`` steps and at the
   end of each phase, holding the model, the trainer's optimizer and random states (captured by
   the backend's ``checkpoint`` module), the algorithm's ``state_dict`` and its own state, so a
   resumed run records the very same trajectory;
@@ -23,7 +23,7 @@ import signal
 import time
 from typing import Dict, List, Optional
 
-from . import checkpoint as ckpt
+from prunekit.app import checkpoint as ckpt
 
 
 def mask_sparsity(handle, algorithm) -> float:

@@ -279,7 +279,7 @@ class Ops(abc.ABC):
         MNIST CNN, in float64 too). Backends without reliable second-order gradients raise
         :class:`~prunekit.errors.ModelError`.
         """
-        from .errors import ModelError
+        from prunekit.errors import ModelError
         raise ModelError(f"the {self.name} backend has no Hessian-vector product (second-order gradients)")
 
 

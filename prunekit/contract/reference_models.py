@@ -12,7 +12,7 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-from .errors import ConfigError
+from prunekit.errors import ConfigError
 
 #: name -> short description
 MODELS = {

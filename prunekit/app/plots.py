@@ -3,7 +3,7 @@
 * :func:`plot_layers`: per layer, the measured sparsity, the kept output channels (as a
   fraction of the layer's) and, where the algorithm has ranks, the rank — bar charts;
 * :func:`plot_trajectory`: sparsity measured from the masks, mean rank and train loss over the
-  steps of the run (the job records them as it trains, see :mod:`prunekit.progress`);
+  steps of the run (the job records them as it trains, see :mod:`prunekit.app.run_state`);
 * :func:`plot_comparison`: test accuracy against measured sparsity or FLOPs across runs;
 * :func:`write_run_plots`: the run's figures into its output folder, returning their names.
 
@@ -16,7 +16,7 @@ import math
 import os
 from typing import Dict, List, Optional, Sequence
 
-from .errors import ConfigError
+from prunekit.errors import ConfigError
 
 COMPARE_AXES = ("sparsity", "flops")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import List, Sequence, Tuple
 
-from .errors import ModelError
+from prunekit.errors import ModelError
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Pruning reports: measured from the model, printed as a table, saved as JSON and Markdown.
 
 Nothing in a report is copied from the request: sparsity, parameters and FLOPs are counted
-from the weights the model holds when the report is made (:mod:`prunekit.flops`); accuracies
+from the weights the model holds when the report is made (:mod:`prunekit.decisions.flops`); accuracies
 are evaluated on held-out data by the caller and passed in. The requested target is shown
 beside the measured value, labelled as such.
 """
@@ -11,7 +11,7 @@ import json
 import os
 from typing import Dict, Optional
 
-from .flops import count_handle
+from prunekit.decisions.flops import count_handle
 
 
 def build_report(handle, accuracy: Optional[Dict[str, float]] = None, run: Optional[dict] = None,

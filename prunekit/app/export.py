@@ -15,7 +15,7 @@ decompositions replayed at the recorded ranks (the factors' strides and paddings
 weights loaded by shared name with every name and shape checked.
 
 :func:`export_run` is ``prunekit export``: it reads a run folder written by
-:func:`prunekit.job.run` (``weights.npz``, ``report.json``, ``plan.json``), rebuilds the model on
+:func:`prunekit.app.job.run` (``weights.npz``, ``report.json``, ``plan.json``), rebuilds the model on
 the run's backend as the reference, writes the file through the target backend's
 ``backends/<name>/export.py`` and checks the file's outputs against the reference. Nothing here
 imports a framework.
@@ -30,8 +30,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .backend import check_backend_name, get_backend
-from .errors import ConfigError, PlanError
+from prunekit.contract.backend import check_backend_name, get_backend
+from prunekit.errors import ConfigError, PlanError
 
 STRUCTURE_FORMAT = "prunekit-structure/1"
 
@@ -131,7 +131,7 @@ class ModelStructure:
     def build(self, backend, state: Optional[Dict[str, np.ndarray]] = None):
         """A new model handle of this structure on ``backend`` (a backend module), holding
         ``state`` when given (every shared name and shape must match)."""
-        from .algorithms.trp import decomposition_factors
+        from prunekit.algorithms.trp import decomposition_factors
 
         handle = backend.model_handle(self.model, self.num_classes, self.in_channels, self.image_size, seed=0,
                                       width=self.width)
@@ -228,7 +228,7 @@ def load_run(run_dir: str) -> Tuple[ModelStructure, Dict[str, np.ndarray], str]:
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PlanError(f"report {os.path.join(run_dir, 'report.json')}: damaged compaction section ({e})") from None
     elif os.path.exists(plan_json):
-        from .plan import PruningPlan
+        from prunekit.decisions.plan import PruningPlan
         plan = PruningPlan.load(plan_json)
         if plan.kept_channels and not _shapes_match_reference(plan, state):
             structure.kept_channels = {k: sorted(int(i) for i in v) for k, v in plan.kept_channels.items()}
@@ -256,7 +256,7 @@ def compare_outputs(got: np.ndarray, reference: np.ndarray, tolerance: float = D
                     what: str = "exported model") -> float:
     """Max abs difference of two output batches; raises ModelError beyond ``tolerance``
     (relative to ``max(1, max |reference|)``)."""
-    from .errors import ModelError
+    from prunekit.errors import ModelError
 
     got, reference = np.asarray(got), np.asarray(reference)
     if got.shape != reference.shape:

@@ -1,6 +1,6 @@
 """Recipes: a whole run described in a YAML file, validated before anything runs.
 
-A recipe is a flat mapping of :class:`prunekit.job.RunConfig` fields, with the algorithm's own
+A recipe is a flat mapping of :class:`prunekit.app.job.RunConfig` fields, with the algorithm's own
 hyperparameters under ``params``::
 
     backend: mindspore
@@ -22,8 +22,8 @@ import os
 import typing
 from typing import Any, Dict, Mapping, Optional
 
-from .errors import ConfigError
-from .job import RunConfig
+from prunekit.errors import ConfigError
+from prunekit.app.job import RunConfig
 
 
 def _field_types() -> Dict[str, Any]:

@@ -2,13 +2,13 @@
 
 :func:`plan_decompositions` computes, from a model handle, the two-conv factors of every
 layer TRP works on; the backend's ``surgery.apply_decompositions`` builds them. Parameters and
-FLOPs before and after come from the model's layers (:mod:`prunekit.flops`).
+FLOPs before and after come from the model's layers (:mod:`prunekit.decisions.flops`).
 """
 from __future__ import annotations
 
 from typing import List, Optional
 
-from .algorithms.trp import Decomposition, TRPPruner, decomposition_factors
+from prunekit.algorithms.trp import Decomposition, TRPPruner, decomposition_factors
 
 
 def plan_decompositions(handle, scheme: str = "channel", threshold: Optional[float] = 0.05,

@@ -18,8 +18,8 @@ import dataclasses
 import sys
 from typing import List, Optional
 
-from .errors import ConfigError, PrunekitError
-from .job import RunConfig, run
+from prunekit.errors import ConfigError, PrunekitError
+from prunekit.app.job import RunConfig, run
 
 
 def _none_or_int(text: str):
@@ -130,7 +130,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             values = {k: v for k, v in vars(args).items() if k in fields}
             values["params"] = parse_settings(values.get("params", []))
             if args.recipe:
-                from .recipe import load_recipe
+                from prunekit.app.recipe import load_recipe
                 given = explicit_options(run_parser, list(argv if argv is not None else sys.argv[1:]))
                 cfg = load_recipe(args.recipe, {k: v for k, v in values.items() if k in given})
             else:
@@ -138,7 +138,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             run(cfg)
             return 0
         if args.command == "compare":
-            from .plots import comparison_points, load_run_reports, plot_comparison
+            from prunekit.app.plots import comparison_points, load_run_reports, plot_comparison
             points = comparison_points(load_run_reports(args.runs), args.x, args.accuracy)
             if not args.out.lower().endswith(".png"):
                 raise ConfigError(f"--out must name a .png file, got {args.out!r}")
@@ -148,20 +148,20 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"comparison: {args.out}")
             return 0
         if args.command == "conformance":
-            from conformance.runner import main as conformance_main
+            from prunekit.conformance.runner import main as conformance_main
             return conformance_main([b for b in args.backends.split(",") if b], args.out, args.select)
         if args.command == "export":
-            from .export import export_run
+            from prunekit.app.export import export_run
             result = export_run(args.run_dir, args.format, args.out, args.check_batch, args.tolerance)
             extra = f" (structure: {result['structure']})" if result.get("structure") else ""
             print(f"wrote {result['path']}{extra}; outputs on {result['check_batch']} images differ from the "
                   f"{result['source_backend']} model by at most {result['max_abs_diff']:.3g}")
             return 0
         if args.command == "list":
-            from .algorithms import ALGORITHMS, PLANNED
-            from .backend import BACKENDS
-            from .data import DATASETS
-            from .models import MODELS
+            from prunekit.algorithms import ALGORITHMS, PLANNED
+            from prunekit.contract.backend import BACKENDS
+            from prunekit.app.data import DATASETS
+            from prunekit.contract.reference_models import MODELS
             print("models:     " + ", ".join(MODELS))
             print("algorithms: " + ", ".join(ALGORITHMS) + (f" (planned: {', '.join(PLANNED)})" if PLANNED else ""))
             print("backends:   " + ", ".join(BACKENDS))

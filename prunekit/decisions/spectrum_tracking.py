@@ -1,6 +1,6 @@
 """Rank machinery without a host round trip per step: bases solved every N steps, reused between.
 
-On a GPU, the eigen-solvers behind the ``gram``/``subspace`` spectra of :mod:`prunekit.lowrank`
+On a GPU, the eigen-solvers behind the ``gram``/``subspace`` spectra of :mod:`prunekit.decisions.spectrum`
 cost several training steps each (ResNet-50 on one H100: Gram + eigh of every conv weight
 274 ms against a 64 ms step), and reading their singular values back to choose ranks stalls the
 device every step. The ``tracked`` method instead works per shape group on stacked matrices:
@@ -26,8 +26,8 @@ from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
-from .errors import ConfigError
-from .ops import Ops, Tensor
+from prunekit.errors import ConfigError
+from prunekit.contract.ops import Ops, Tensor
 
 
 @dataclass
@@ -57,7 +57,7 @@ RANK_ON = ("auto", "device", "host")
 def check_rank_settings(config) -> None:
     """Validate the rank-machinery settings RPG's and TRP's configs share: ``spectrum``,
     ``rank_on``, ``refresh_every`` and ``solve_lag``."""
-    from .lowrank import METHODS
+    from prunekit.decisions.spectrum import METHODS
 
     if config.spectrum not in METHODS:
         raise ConfigError(f"unknown spectrum method {config.spectrum!r}; expected one of {', '.join(METHODS)}")
@@ -252,8 +252,8 @@ class BasisTracker:
 def bind_rank_machinery(algorithm, config) -> None:
     """Give an RPG/TRP algorithm its rank machinery from its config (``rank_on``, ``spectrum``,
     ``refresh_every``, ``solve_lag``): ``rank_ops``, the resolved ``spectrum``, the
-    :class:`~prunekit.lowrank.SpectrumEngine` and, for ``tracked``, a :class:`BasisTracker`."""
-    from .lowrank import SpectrumEngine, rank_ops
+    :class:`~prunekit.decisions.spectrum.SpectrumEngine` and, for ``tracked``, a :class:`BasisTracker`."""
+    from prunekit.decisions.spectrum import SpectrumEngine, rank_ops
 
     algorithm.rank_ops = rank_ops(algorithm.ops, config.rank_on)
     on_accelerator = algorithm.ops.on_accelerator(algorithm.handle.weight(algorithm.layers[0].name))
