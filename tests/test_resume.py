@@ -1,11 +1,18 @@
 """Resume after a crash: a real ``prunekit run`` killed with SIGKILL and resumed finishes with the
-weights, masks and ranks of an uninterrupted run; damaged or foreign checkpoints are refused."""
+weights, masks and ranks of an uninterrupted run; damaged or foreign checkpoints are refused.
+
+The runs are killed from here, the way a crash or an OOM killer would end them: the test watches
+the run's checkpoint folder (the step of ``state.npz``, a checkpoint write's temporary file) and
+sends SIGKILL when it sees the point it wants. The run may get a little further before the
+signal lands, so the tests read where it stopped from the checkpoint left on disk."""
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -25,16 +32,52 @@ TINY = ["--model", "mnist_cnn", "--dataset", "mnist", "--train-limit", "256", "-
         "--checkpoint-every", "3", "--deterministic", "--no-progress"]
 
 
-def _prunekit(args, out, kill_at=None, kill_in_checkpoint=None, resume=False):
+def _prunekit(args, out, resume=False, kill_when=None, timeout=300):
+    """Run ``prunekit run`` in a subprocess. With ``kill_when(step, writing)``, watch its checkpoint
+    folder meanwhile and SIGKILL it as soon as that holds: ``step`` is the step of the checkpoint
+    in ``state.npz`` (asked once one exists), ``writing`` whether the run is writing the next one
+    (its temporary file is there, not yet renamed over ``state.npz``)."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("PRUNEKIT_TEST_KILL_AT_STEP", None)
-    env.pop("PRUNEKIT_TEST_KILL_IN_CHECKPOINT", None)
-    if kill_at is not None:
-        env["PRUNEKIT_TEST_KILL_AT_STEP"] = str(kill_at)
-    if kill_in_checkpoint is not None:
-        env["PRUNEKIT_TEST_KILL_IN_CHECKPOINT"] = str(kill_in_checkpoint)
     cmd = [sys.executable, "-m", "prunekit", "run", *args, "--out", str(out)] + (["--resume"] if resume else [])
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=stdout, stderr=stderr, text=True)
+        deadline = time.monotonic() + timeout
+        try:
+            if kill_when is not None:
+                _watch_and_kill(proc, str(out), kill_when, deadline)
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        finally:
+            if proc.poll() is None:  # timed out, or the test failed while watching
+                proc.kill()
+                proc.wait()
+        stdout.seek(0)
+        stderr.seek(0)
+        done = subprocess.CompletedProcess(cmd, proc.returncode, stdout.read(), stderr.read())
+    done.pid = proc.pid  # names the temporary files of its checkpoint writes
+    return done
+
+
+def _watch_and_kill(proc, out, kill_when, deadline, poll=0.001):
+    folder, state = ckpt.checkpoint_dir(out), ckpt.checkpoint_path(out)
+    partial = ckpt.temporary_name(ckpt.FILENAME, proc.pid)
+    seen, step = None, None
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            st = os.stat(state)
+        except FileNotFoundError:
+            st = None
+        if st is not None and (st.st_ino, st.st_mtime_ns) != seen:  # every write renames a new file in
+            seen, step = (st.st_ino, st.st_mtime_ns), _step_on_disk(out)
+        # looked at last, just before the signal, so that the write is most likely still going on
+        writing = os.path.exists(os.path.join(folder, partial))
+        if step is not None and kill_when(step, writing):
+            proc.send_signal(signal.SIGKILL)
+            return
+        time.sleep(poll)
+
+
+def _step_on_disk(out):
+    return ckpt.read_checkpoint(ckpt.checkpoint_path(out))["position"]["step"]
 
 
 def _finished(proc):
@@ -43,9 +86,10 @@ def _finished(proc):
 
 
 def _killed(proc, out):
+    """The step of the checkpoint a killed run left."""
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-3000:])
     assert not os.path.exists(os.path.join(out, "weights.npz"))
-    return ckpt.read_checkpoint(ckpt.checkpoint_path(str(out)))["position"]["step"]
+    return _step_on_disk(str(out))
 
 
 def _assert_same_run(a, b):
@@ -76,14 +120,15 @@ def torch_reference(tmp_path_factory):
 def test_torch_magnitude_killed_twice_resumes_to_the_same_result(torch_reference, tmp_path):
     args = ["--backend", "torch", "--algorithm", "magnitude", *TINY]
     out = tmp_path / "run"
-    # killed in the middle of the dense phase: the last checkpoint is after step 3
-    assert _killed(_prunekit(args, out, kill_at=5), out) == 3
-    # resumed, then killed in the middle of a pruning epoch (the masks are half-way down the schedule)
-    assert _killed(_prunekit(args, out, kill_at=14, resume=True), out) == 12
+    # killed in the dense phase, as soon as its first checkpoint (after step 3) is there
+    first = _killed(_prunekit(args, out, kill_when=lambda step, writing: True), out)
+    # resumed, then killed in the pruning phase, the masks half-way down the schedule
+    second = _killed(_prunekit(args, out, resume=True, kill_when=lambda step, writing: step >= 12), out)
+    assert 3 <= first < second and 12 <= second < 24, (first, second)
     proc = _finished(_prunekit(args, out, resume=True))
-    assert "resuming from step 12" in proc.stdout
+    assert f"resuming from step {second}" in proc.stdout
     _, report = _assert_same_run(torch_reference, out)
-    assert report["run"]["resumed_at_steps"] == [3, 12]
+    assert report["run"]["resumed_at_steps"] == [first, second]
     assert abs(report["totals"]["prunable_sparsity"] - 0.8) < 1e-4
 
 
@@ -92,16 +137,20 @@ def test_torch_rpg_killed_while_writing_a_checkpoint_resumes_from_the_last_good_
     ref = tmp_path / "ref"
     _finished(_prunekit(args, ref))
     out = tmp_path / "run"
-    # the 5th checkpoint (after step 12) dies between writing its temporary file and the rename
-    assert _killed(_prunekit(args, out, kill_in_checkpoint=5), out) == 9
-    stale = [n for n in os.listdir(out / "checkpoint") if ".tmp-" in n]
-    assert len(stale) == 1  # the half-done write, never renamed into place
+    # killed while writing a pruning-phase checkpoint (the one after step 12, unless the run is
+    # quicker than the watcher), before its temporary file is renamed over state.npz
+    proc = _prunekit(args, out, kill_when=lambda step, writing: step >= 9 and writing)
+    last_good = _killed(proc, out)
+    stale = {n for n in os.listdir(out / "checkpoint") if ckpt.is_temporary(n)}
+    # the half-done write, never renamed into place (none if the write got done before the signal
+    # landed: then state.npz is that new checkpoint, and the resume below must come out the same)
+    assert stale <= {ckpt.temporary_name(ckpt.FILENAME, proc.pid), ckpt.temporary_name(ckpt.PREVIOUS, proc.pid)}
     state = ckpt.read_checkpoint(ckpt.checkpoint_path(str(out)))
     # RPG's state crosses the checkpoint: regrowth scores gathered for the next mask update, ranks
-    assert state["algorithm"]["dense_scores"] and state["algorithm"]["ranks"]
+    assert last_good >= 9 and state["algorithm"]["dense_scores"] and state["algorithm"]["ranks"]
     _finished(_prunekit(args, out, resume=True))
     _, report = _assert_same_run(ref, out)
-    assert report["ranks"] and report["run"]["resumed_at_steps"] == [9]
+    assert report["ranks"] and report["run"]["resumed_at_steps"] == [last_good]
     assert sorted(os.listdir(out / "checkpoint")) == ["previous.npz", "state.npz"]  # the stale file is gone
 
 
@@ -110,9 +159,11 @@ def test_mindspore_magnitude_killed_resumes_to_the_same_result(tmp_path):
     ref = tmp_path / "ref"
     _finished(_prunekit(args, ref))
     out = tmp_path / "run"
-    assert _killed(_prunekit(args, out, kill_at=14), out) == 12
+    killed_at = _killed(_prunekit(args, out, kill_when=lambda step, writing: step >= 12), out)
+    assert 12 <= killed_at < 24
     _finished(_prunekit(args, out, resume=True))
-    _assert_same_run(ref, out)
+    _, report = _assert_same_run(ref, out)
+    assert report["run"]["resumed_at_steps"] == [killed_at]
 
 
 # ---------------------------------------------------------------------------- refusals

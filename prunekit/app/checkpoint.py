@@ -16,10 +16,8 @@ checkpoint never runs code. The tree, written by :mod:`prunekit.app.job`, holds
 Writes are atomic: the new checkpoint goes to a temporary file in the same folder, is flushed to
 disk, the current one is hard-linked to ``previous.npz`` (the last good one, kept), and the new
 one is renamed over ``state.npz``. A process killed at any moment leaves ``state.npz`` either
-the old complete checkpoint or the new complete one.
-
-Test hook: with ``PRUNEKIT_TEST_KILL_IN_CHECKPOINT=k`` the process kills itself (SIGKILL) while
-writing its k-th checkpoint, after the temporary file is written and before the rename.
+the old complete checkpoint or the new complete one; the temporary files it may leave
+(:func:`temporary_name`) are removed by the next write.
 """
 from __future__ import annotations
 
@@ -27,7 +25,6 @@ import json
 import math
 import os
 import random
-import signal
 import zipfile
 from typing import Any, Dict, Tuple
 
@@ -42,6 +39,7 @@ FILENAME = "state.npz"
 PREVIOUS = "previous.npz"
 _TREE = "__tree__"
 _ARRAY = "__ndarray__"
+_PARTIAL = ".tmp-"
 
 #: run settings that do not change what a run computes, so a resume may change them
 NEUTRAL_SETTINGS = ("out", "progress", "resume", "checkpoint_every", "data_root", "device", "deterministic",
@@ -106,13 +104,14 @@ def unflatten(tree: Any, arrays) -> Any:
     return tree
 
 
-def _kill_hook_due() -> bool:
-    """The test hook's counter: True while writing the k-th checkpoint of this process."""
-    target = os.environ.get("PRUNEKIT_TEST_KILL_IN_CHECKPOINT")
-    if not target:
-        return False
-    _kill_hook_due.count = getattr(_kill_hook_due, "count", 0) + 1
-    return _kill_hook_due.count == int(target)
+def temporary_name(name: str, pid: int) -> str:
+    """The temporary file in which process ``pid`` writes ``name`` before renaming it into place."""
+    return f".{name}{_PARTIAL}{pid}"
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` in a checkpoint folder is a write in progress (or left by a killed one)."""
+    return name.startswith(tuple(f".{n}{_PARTIAL}" for n in (FILENAME, PREVIOUS)))
 
 
 def save_checkpoint(out: str, state: dict) -> str:
@@ -123,19 +122,17 @@ def save_checkpoint(out: str, state: dict) -> str:
     tree = flatten({"format": FORMAT, "version": VERSION, **state}, arrays)
     arrays[_TREE] = np.array(json.dumps(tree))
     final = os.path.join(folder, FILENAME)
-    tmp = os.path.join(folder, f".{FILENAME}.tmp-{os.getpid()}")
+    tmp = os.path.join(folder, temporary_name(FILENAME, os.getpid()))
     for name in os.listdir(folder):  # left by a process killed while writing (never a valid checkpoint)
-        if name.startswith((f".{FILENAME}.tmp-", f".{PREVIOUS}.tmp-")):
+        if is_temporary(name):
             os.remove(os.path.join(folder, name))
     try:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
-        if _kill_hook_due():
-            os.kill(os.getpid(), signal.SIGKILL)
         if os.path.exists(final):  # keep the last good checkpoint beside the new one
-            prev_tmp = os.path.join(folder, f".{PREVIOUS}.tmp-{os.getpid()}")
+            prev_tmp = os.path.join(folder, temporary_name(PREVIOUS, os.getpid()))
             os.link(final, prev_tmp)
             os.replace(prev_tmp, os.path.join(folder, PREVIOUS))
         os.replace(tmp, final)

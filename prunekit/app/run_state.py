@@ -12,14 +12,9 @@ trajectory, the accuracies, and when to checkpoint.
   the backend's ``checkpoint`` module), the algorithm's ``state_dict`` and its own state, so a
   resumed run records the very same trajectory;
 * feeds the progress bar's postfix (loss, running accuracy, measured sparsity).
-
-Test hook: with ``PRUNEKIT_TEST_KILL_AT_STEP=s`` the process kills itself (SIGKILL) right after
-global step ``s`` (and the checkpoint due there, if any).
 """
 from __future__ import annotations
 
-import os
-import signal
 import time
 from typing import Dict, List, Optional
 
@@ -64,7 +59,6 @@ class RunProgress:
         self.epoch_seen = 0
         self._pending_correct: list = []
         self.last_sparsity = 0.0
-        self._kill_at = os.environ.get("PRUNEKIT_TEST_KILL_AT_STEP")
 
     # ------------------------------------------------------------------ position
     def phase_of(self, step: int) -> str:
@@ -96,8 +90,6 @@ class RunProgress:
         # the dense phase's last checkpoint is written after its evaluation (save_phase_end)
         if self.checkpoint_every and (periodic or self.step == self.total_steps) and self.step != self.dense_steps:
             self.save(trainer, algorithm, phase)
-        if self._kill_at and self.step == int(self._kill_at):
-            os.kill(os.getpid(), signal.SIGKILL)
 
     def train_accuracy(self) -> Optional[float]:
         if self._pending_correct:
