@@ -35,7 +35,7 @@ from prunekit.algorithms import make_algorithm  # noqa: E402
 from prunekit.algorithms.magnitude import MagnitudeConfig  # noqa: E402
 from prunekit.algorithms.rpg import RPGConfig  # noqa: E402
 from prunekit.algorithms.trp import TRPConfig  # noqa: E402
-from prunekit.app.decompose import plan_decompositions  # noqa: E402
+from prunekit.algorithms.trp import plan_decompositions  # noqa: E402
 from prunekit.decisions.flops import count_model  # noqa: E402
 from prunekit.decisions.schedules import LearningRateSchedule  # noqa: E402
 

@@ -484,7 +484,7 @@ def _ref_trp_step(scenario: str, scheme: str) -> Outputs:
 
 def _trp_decomposition(backend, model: str, scheme: str) -> Outputs:
     """Decompose identical weights on each backend; compare ranks, factors and outputs."""
-    from prunekit.app.decompose import plan_decompositions
+    from prunekit.algorithms.trp import plan_decompositions
 
     handle = backend.model_handle(model, seed=21)
     x = rng(22).standard_normal((4, 3, 32, 32)).astype(np.float32)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from prunekit.app import data
-from prunekit.app.decompose import plan_decompositions
+from prunekit.algorithms.trp import plan_decompositions
 from prunekit.errors import ConfigError, ModelError, PlanError
 from prunekit.app.export import ModelStructure, load_run, structure_path
 
@@ -227,11 +227,11 @@ def test_cli_export_of_a_compacted_run_folder(tmp_path, capsys):
     _need("onnxruntime")
     _need("mindspore")
     from prunekit.backends.mindspore.export import load_checkpoint
-    from prunekit.algorithms import ALGORITHMS
+    from prunekit.algorithms import algorithm_names
     from prunekit.app.cli import main
     from prunekit.app.job import RunConfig, run
 
-    if "channel" not in ALGORITHMS:
+    if "channel" not in algorithm_names():
         pytest.skip("no channel-pruning algorithm in this tree")
     out = str(tmp_path / "run")
     report = run(RunConfig(backend="torch", model="mnist_cnn", dataset="mnist", algorithm="channel", dense_epochs=0,

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 
 from prunekit.app import checkpoint as ckpt
-from prunekit.algorithms import ALGORITHMS, make_algorithm
+from prunekit.algorithms import algorithm_class, algorithm_names, make_algorithm
 from prunekit.contract.backend import get_backend
 from prunekit.app.cli import main
 from prunekit.errors import ConfigError
-from prunekit.app.job import ALGORITHM_CONFIGS, RunConfig
+from prunekit.app.job import RunConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 256 MNIST images, batch 32: 8 steps an epoch; 1 dense + 2 pruning epochs = 24 steps;
@@ -252,17 +252,15 @@ def test_state_tree_round_trips_and_rejects_what_it_cannot_store(tmp_path):
         ckpt.flatten({"x": object()}, {})
 
 
-@pytest.mark.parametrize("backend_name, name, model", [("torch", n, "resnet20") for n in sorted(ALGORITHMS)]
+@pytest.mark.parametrize("backend_name, name, model", [("torch", n, "resnet20") for n in sorted(algorithm_names())]
                          + [("mindspore", "rpg", "mnist_cnn")])
 def test_every_algorithm_state_dict_continues_a_run_exactly(backend_name, name, model, tmp_path):
     """In-process check of the contract in ``prunekit/algorithms/base.py``: stopping after k
     steps, saving through a checkpoint file and restoring into fresh objects continues exactly
     like the uninterrupted run (so a new algorithm that forgets some state fails here). MindSpore:
     RPG, whose rank machinery runs on the host there (NumPy state beside device tensors)."""
-    if getattr(ALGORITHMS[name], "prunes_at_init", False):
+    if algorithm_class(name).prunes_at_init:
         pytest.skip(f"{name} prunes at initialization; the job does not resume such runs")
-    if name not in ALGORITHM_CONFIGS:
-        pytest.skip(f"{name} is not wired into the job yet")
     backend = get_backend(backend_name)
     rng = np.random.default_rng(0)
     steps, stop = 8, 4  # RPG: the regrowth scores of step 3 are used by the mask update of step 4
@@ -281,7 +279,7 @@ def test_every_algorithm_state_dict_continues_a_run_exactly(backend_name, name, 
     def build():
         handle = backend.model_handle(model, 10, channels, size, seed=0)
         algorithm = make_algorithm(name, **cfg.algorithm_kwargs(steps))
-        if hasattr(algorithm, "validation"):
+        if algorithm.held_out_fraction:
             algorithm.validation = held_out()
         return handle, algorithm, backend.Trainer(handle, algorithm, "sgd", 0.05, total_steps=steps)
 

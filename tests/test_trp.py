@@ -1,4 +1,4 @@
-"""TRP (prunekit/algorithms/trp.py, prunekit/app/decompose.py, backends/torch/surgery.py): which
+"""TRP (prunekit/algorithms/trp.py, backends/torch/surgery.py): which
 layers it works on, the projection and the nuclear-norm term of a training step, ``every``,
 the final decomposition into two convs (both schemes, strided convs included) with parameter and
 MAC counts, the rank choices, and configuration errors.
@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from prunekit.algorithms import make_algorithm
-from prunekit.algorithms.trp import TRPConfig, TRPPruner, choose_rank, decomposition_factors
-from prunekit.app.decompose import plan_decompositions
+from prunekit.algorithms.trp import TRPConfig, TRPPruner, choose_rank, decomposition_factors, plan_decompositions
 from prunekit.errors import ConfigError, ModelError
 from prunekit.decisions.flops import count_model
 

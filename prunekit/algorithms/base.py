@@ -40,10 +40,15 @@ algorithm implements these two methods and nothing else.
   dense gradients), pending gradient terms, warm-start bases (``SpectrumEngine.state_dict``),
   counters, any random generator the algorithm owns (``np.random.Generator.bit_generator.state``).
   What :meth:`bind` derives from the config and the model (layers, schedules) need not be saved.
+
+Job-facing hooks
+----------------
+What ``prunekit run`` reads from an algorithm is listed in :class:`Algorithm`'s docstring.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, Optional
 
 import numpy as np
 
@@ -54,10 +59,57 @@ from prunekit.contract.ops import Tensor
 from prunekit.decisions.plan import PruningPlan
 
 
+@dataclass
+class FinalTransform:
+    """A model an algorithm rebuilt from the trained one (:meth:`Algorithm.final_transform`)."""
+
+    name: str             # report section, and the accuracy key "after_<name>"
+    handle: ModelHandle   # the new model, evaluated and reported by the job
+    section: dict         # what the report records under ``name``
+
+
 class Algorithm:
+    """A pruning algorithm: the driver contract (this module's docstring) and the job-facing hooks.
+
+    Job-facing hooks: ``prunekit run`` (:mod:`prunekit.app.job`) knows no algorithm by name; it
+    reads only these members, each with a default here that an algorithm overrides where it
+    needs to.
+
+    * ``name`` and ``config_class``: the registry key and the dataclass of settings
+      (:func:`~prunekit.algorithms.registry.register_algorithm`, ``make_algorithm(name, **settings)``).
+    * ``prunes_at_init`` (False): True for an algorithm that decides on the untrained model; the
+      job then skips dense training, calls :meth:`prepare` with :attr:`scoring_batches` (1)
+      training batches, trains the model it returns with :meth:`training_algorithm` (``self``)
+      and records :meth:`describe` (``{}``).
+    * :attr:`held_out_fraction` (None): the share of the training set the job splits off; it then
+      assigns an endless iterator of held-out ``(x, y)`` batches to ``validation`` (None).
+    * :meth:`trainer_overrides` (``{}``): pruning-phase optimizer settings the algorithm assumes
+      (``optimizer``, ``lr``, ``momentum``, ``weight_decay``, ``lr_schedule``), over the run's.
+    * ``channel_keep`` (``{}``): after :meth:`finish`, kept channel indices per channel group; when
+      not empty (and the algorithm did not prune at initialization) the job builds the narrower
+      dense model (``backend.compact``) and reports it.
+    * :meth:`final_transform` (None): a model rebuilt after training (e.g. a low-rank
+      decomposition), as a :class:`FinalTransform` the job evaluates and reports.
+    * ``ranks`` (None): per-layer ranks for the report.
+    * :attr:`target_sparsity` (None): the sparsity the algorithm aims at, shown beside the
+      measured one.
+    """
+
+    #: registry key (``make_algorithm(name)``); set by every registered subclass
     name = "base"
+    #: the dataclass of this algorithm's settings
+    config_class: Optional[type] = None
+    #: True: decides on the untrained model (see "Job-facing hooks" in this module's docstring)
+    prunes_at_init = False
 
     def __init__(self):
+        self.config: Any = None
+        #: kept channel indices per channel group, filled by channel-pruning algorithms
+        self.channel_keep: Dict[str, Any] = {}
+        #: per-layer ranks for the report (rank-based algorithms); None: none
+        self.ranks: Optional[Dict[str, int]] = None
+        #: held-out ``(x, y)`` batches, given by the job when :attr:`held_out_fraction` is set
+        self.validation: Optional[Iterable] = None
         self.handle: Optional[ModelHandle] = None
         self.ops = None
         self.layers = []
@@ -112,6 +164,39 @@ class Algorithm:
     def finish(self) -> None:
         """Called once after the last step (final decisions, e.g. hard masks)."""
 
+    # ------------------------------------------------------------------ job-facing hooks
+    @property
+    def scoring_batches(self) -> int:
+        """Training batches :meth:`prepare` scores on (``prunes_at_init`` algorithms)."""
+        return 1
+
+    def prepare(self, handle: ModelHandle, backend, batches: Iterable = (), seed: int = 0) -> ModelHandle:
+        """``prunes_at_init``: decide on the untrained ``handle`` and return the model to train."""
+        return handle
+
+    def training_algorithm(self) -> Optional["Algorithm"]:
+        """The algorithm the training driver runs (None: train the model as it is)."""
+        return self
+
+    @property
+    def held_out_fraction(self) -> Optional[float]:
+        """Share of the training set held out for ``validation`` (None: none)."""
+        return None
+
+    def trainer_overrides(self) -> Dict[str, Any]:
+        """Optimizer settings of the pruning phase that replace the run's (empty: none)."""
+        return {}
+
+    def final_transform(self, handle: ModelHandle, backend, threshold: float) -> Optional[FinalTransform]:
+        """A model rebuilt from the trained ``handle`` after :meth:`finish`, or None (the default).
+        ``threshold`` is the run's ``decompose_threshold`` (``--decompose-threshold``)."""
+        return None
+
+    @property
+    def target_sparsity(self) -> Optional[float]:
+        """The fraction of prunable weights the algorithm sets to zero (None: no such target)."""
+        return None
+
     # ------------------------------------------------------------------ masks
     def set_masks(self, masks: Dict[str, Tensor], state_masks: Optional[Dict[str, Tensor]] = None) -> None:
         """New masks, applied to the weights now. ``state_masks`` (default: the masks) is what the
@@ -137,7 +222,7 @@ class Algorithm:
             layer_signature=signature(self.handle.layers),
             masks={n: self.ops.to_numpy(m) > 0.5 for n, m in self.masks.items()},
             # channel-pruning algorithms: kept channels per group (compaction replays them)
-            kept_channels={k: [int(i) for i in v] for k, v in getattr(self, "channel_keep", {}).items()},
+            kept_channels={k: [int(i) for i in v] for k, v in self.channel_keep.items()},
             meta=self.describe(),
         )
 

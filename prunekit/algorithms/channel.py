@@ -37,6 +37,7 @@ from prunekit.decisions.channel_groups import ChannelGroup, find_channel_groups
 from prunekit.errors import ConfigError, ModelError
 from prunekit.decisions.selection import keep_count, top_channels
 from prunekit.algorithms.base import Algorithm
+from prunekit.algorithms.registry import register_algorithm
 
 TARGETS = ("flops", "channels")
 ALLOCATIONS = ("global", "uniform")
@@ -249,8 +250,10 @@ def channel_masks(handle, groups: List[ChannelGroup], keep: Dict[str, np.ndarray
     return masks
 
 
+@register_algorithm
 class ChannelPruner(Algorithm):
     name = "channel"
+    config_class = ChannelConfig
 
     def __init__(self, config: Optional[ChannelConfig] = None, **kwargs):
         super().__init__()

@@ -54,6 +54,7 @@ from prunekit.decisions.plan import PruningPlan
 from prunekit.decisions.selection import top_channels
 from prunekit.contract.layers import signature
 from prunekit.algorithms.base import Algorithm
+from prunekit.algorithms.registry import register_algorithm
 
 #: the keep-probability floor of the release (p = sigmoid(...) + 0.01)
 P_FLOOR = 0.01
@@ -245,15 +246,17 @@ def backend_gates(handle) -> Callable:
 
 
 # ------------------------------------------------------------------------------ the algorithm
+@register_algorithm
 class DSAPruner(Algorithm):
     """DSA on a model's channel groups; after :meth:`finish`, ``channel_keep`` and ``keep_ratios``."""
 
     name = "dsa"
+    config_class = DSAConfig
 
     def __init__(self, config: Optional[DSAConfig] = None, groups: Optional[Sequence] = None,
-                 gates_factory: Optional[Callable] = None):
+                 gates_factory: Optional[Callable] = None, **kwargs):
         super().__init__()
-        self.config = config or DSAConfig()
+        self.config = config or DSAConfig(**kwargs)
         self._given_groups = list(groups) if groups is not None else None
         self._gates_factory = gates_factory
         #: iterator of held-out ``(x, y)`` NumPy batches for the α steps
@@ -437,6 +440,10 @@ class DSAPruner(Algorithm):
     @property
     def final_flops(self) -> Optional[float]:
         return None if self.final_counts is None else self.flops_model.flops_of_counts(self.final_counts)
+
+    @property
+    def held_out_fraction(self) -> float:
+        return self.config.val_fraction
 
     def describe(self) -> dict:
         out = {"budget": self.config.budget, "budget_macs": self.budget_flops, "dense_macs": self.dense_flops,

@@ -18,6 +18,7 @@ from prunekit.decisions.schedules import SparsitySchedule
 from prunekit.decisions.selection import (channel_scores, check_sparsity, expand_channel_mask, global_topk_masks,
                          keep_count, topk_mask)
 from prunekit.algorithms.base import Algorithm
+from prunekit.algorithms.registry import register_algorithm
 
 GRANULARITIES = ("unstructured", "channel")
 SCOPES = ("global", "layer")
@@ -45,8 +46,10 @@ class MagnitudeConfig:
                               f"{self.begin_fraction}, {self.end_fraction}")
 
 
+@register_algorithm
 class MagnitudePruner(Algorithm):
     name = "magnitude"
+    config_class = MagnitudeConfig
 
     def __init__(self, config: MagnitudeConfig | None = None, **kwargs):
         super().__init__()
@@ -83,6 +86,10 @@ class MagnitudePruner(Algorithm):
     def update_masks(self, sparsity: float) -> None:
         self.set_masks(magnitude_masks(self.handle, self.layers, sparsity, self.config.granularity, self.config.scope))
         self.current_sparsity = sparsity
+
+    @property
+    def target_sparsity(self) -> float:
+        return self.config.sparsity
 
     def describe(self) -> dict:
         c = self.config

@@ -49,6 +49,7 @@ from prunekit.decisions.plan import PruningPlan
 from prunekit.decisions.selection import check_sparsity, keep_count, top_channels
 from prunekit.contract.layers import signature
 from prunekit.algorithms.base import Algorithm
+from prunekit.algorithms.registry import register_algorithm
 
 STRUCTURES = ("channels", "unstructured")
 #: path components that mark a shortcut (projection) conv, not scored by default
@@ -280,12 +281,14 @@ def plan_channels(groups, layers: Sequence[LayerInfo], densities: Dict[str, floa
 
 
 # ---------------------------------------------------------------------------------- the algorithm
+@register_algorithm
 class PreCropPruner(Algorithm):
     """PreCropping. The job calls :meth:`prepare` at initialization (``prunes_at_init``), then trains
     the model it returns with :meth:`training_algorithm` (None for the narrow dense model; the
     fixed masks for ``structure="unstructured"``)."""
 
     name = "precrop"
+    config_class = PreCropConfig
     prunes_at_init = True
 
     def __init__(self, config: PreCropConfig | None = None, **kwargs):
@@ -349,6 +352,15 @@ class PreCropPruner(Algorithm):
 
     def training_algorithm(self):
         return self if self.config.structure == "unstructured" else None
+
+    @property
+    def scoring_batches(self) -> int:
+        return self.config.batches
+
+    @property
+    def target_sparsity(self):
+        """The PAI baseline's fixed masks have one; the narrow dense model has none."""
+        return self.config.sparsity if self.config.structure == "unstructured" else None
 
     # -------------------------------------------------------------- unstructured baseline in training
     def bind(self, handle, total_steps):

@@ -47,6 +47,7 @@ from prunekit.decisions.spectrum_tracking import batch_scalars, bind_rank_machin
 from prunekit.decisions.selection import check_sparsity, residual_rank, topk_mask
 from prunekit.algorithms.base import Algorithm, tensors_from_numpy, tensors_to_numpy
 from prunekit.algorithms.magnitude import magnitude_masks
+from prunekit.algorithms.registry import register_algorithm
 
 SEMANTICS = ("paper", "release")
 
@@ -88,8 +89,10 @@ def _per_matrix(ops, values: np.ndarray, like):
     return ops.reshape(ops.asarray(np.asarray(values, dtype=np.float32), like=like), (len(values), 1, 1))
 
 
+@register_algorithm
 class RPGPruner(Algorithm):
     name = "rpg"
+    config_class = RPGConfig
 
     def __init__(self, config: RPGConfig | None = None, **kwargs):
         super().__init__()
@@ -263,6 +266,10 @@ class RPGPruner(Algorithm):
         p = super().plan()
         p.ranks = dict(self.ranks)
         return p
+
+    @property
+    def target_sparsity(self) -> float:
+        return self.config.sparsity
 
     def describe(self) -> dict:
         c = self.config

@@ -38,6 +38,7 @@ import numpy as np
 from prunekit.errors import ConfigError, ModelError
 from prunekit.contract.ops import Ops, Tensor
 from prunekit.algorithms.base import Algorithm
+from prunekit.algorithms.registry import register_algorithm
 
 COUPLINGS = ("filter", "channel")
 UPDATE_ON = ("auto", "device", "host")
@@ -178,6 +179,7 @@ class SDPrunConfig:
         self.exclude = tuple(self.exclude)
 
 
+@register_algorithm
 class SDPrunPruner(Algorithm):
     """gRDA with group soft-thresholding over filters, through the driver contract.
 
@@ -188,6 +190,7 @@ class SDPrunPruner(Algorithm):
     ``find_channel_groups(handle)``."""
 
     name = "sdprun"
+    config_class = SDPrunConfig
 
     def __init__(self, config: SDPrunConfig | None = None, groups: Optional[Sequence] = None, **kwargs):
         super().__init__()

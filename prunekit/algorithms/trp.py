@@ -13,8 +13,10 @@ negligible loss and no fine-tuning.
   before the optimizer steps: W ← T(W) − η(∇f(T(W)) + λ U_r V_rᵀ). (A decision: the
   specification does not say whether the step's gradient is taken before or after the
   projection; after it, the network trains in the low-rank space it will be decomposed into.)
-* Final decomposition (:func:`decomposition_factors`): keep singular values ≥ ``threshold``
-  (0.05, the release's) — or a fixed ``rank`` / ``energy`` — and split each layer into two convs.
+* Final decomposition (:meth:`TRPPruner.final_transform`, :func:`plan_decompositions`,
+  :func:`decomposition_factors`): keep singular values ≥ the threshold (the run's
+  ``decompose_threshold``, 0.05 as in the release) — or a fixed ``rank`` / ``energy`` — and split
+  each layer into two convs, which the backend's ``apply_decompositions`` builds.
   NC: conv r×C_in×kh×kw (the original stride and padding) then 1×1 conv C_out×r (with the
   original bias). VH: conv r×C_in×kh×1 (vertical stride/padding) then conv C_out×r×1×kw
   (horizontal stride/padding). Strided convs are decomposed too, the stride going on the
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -32,7 +34,9 @@ from prunekit.errors import ConfigError
 from prunekit.decisions.spectrum import SCHEMES, from_matrix_view, from_rank_ops, matrix_view, to_rank_ops
 from prunekit.decisions.selection import energy_rank, value_rank
 from prunekit.decisions.spectrum_tracking import bind_rank_machinery, check_rank_settings, load_rank_machinery, positive, save_rank_machinery
-from prunekit.algorithms.base import Algorithm, tensors_from_numpy, tensors_to_numpy
+from prunekit.decisions.flops import count_handle
+from prunekit.algorithms.base import Algorithm, FinalTransform, tensors_from_numpy, tensors_to_numpy
+from prunekit.algorithms.registry import register_algorithm
 
 
 @dataclass
@@ -59,8 +63,10 @@ class TRPConfig:
             raise ConfigError(f"unknown TRP scheme {self.scheme!r}; expected one of {', '.join(SCHEMES)}")
 
 
+@register_algorithm
 class TRPPruner(Algorithm):
     name = "trp"
+    config_class = TRPConfig
 
     def __init__(self, config: TRPConfig | None = None, **kwargs):
         super().__init__()
@@ -166,6 +172,21 @@ class TRPPruner(Algorithm):
         p.meta["scheme"] = self.config.scheme
         return p
 
+    def final_transform(self, handle, backend, threshold: float) -> FinalTransform:
+        """Split each trained low-rank conv into two convs, keeping the singular values >=
+        ``threshold``; the report section has the ranks, and parameters and MACs of both models."""
+        before = count_handle(handle)
+        decompositions = plan_decompositions(handle, self.config.scheme, threshold=threshold,
+                                             layers=[l.name for l in self.layers])
+        new_handle = backend.apply_decompositions(handle, decompositions)
+        after = count_handle(new_handle)
+        section = {"scheme": self.config.scheme, "threshold": threshold,
+                   "ranks": {d.layer: d.rank for d in decompositions},
+                   "params_before": before["total_params"], "params_after": after["total_params"],
+                   "macs_before": before["dense_macs"], "macs_after": after["dense_macs"],
+                   "flops_reduction": before["dense_macs"] / max(1, after["dense_macs"])}
+        return FinalTransform("decomposition", new_handle, section)
+
     def describe(self) -> dict:
         c = self.config
         return {"energy": c.energy, "lam": c.lam, "every": c.every, "scheme": c.scheme, "spectrum": getattr(self, "spectrum", c.spectrum)}
@@ -246,3 +267,18 @@ def decomposition_factors(weight: np.ndarray, bias: Optional[np.ndarray], stride
         first = ConvFactor(f32(a.reshape(ci, kh, r).transpose(2, 0, 1)[..., None]), (sh, 1), (ph, 0))
         second = ConvFactor(f32(b.reshape(r, co, kw).transpose(1, 0, 2)[:, :, None, :]), (1, sw), (0, pw), bias)
     return Decomposition(layer, scheme, r, first, second)
+
+
+def plan_decompositions(handle, scheme: str = "channel", threshold: Optional[float] = 0.05,
+                        rank: Optional[int] = None, energy: Optional[float] = None,
+                        layers: Optional[List[str]] = None) -> List[Decomposition]:
+    """The two-conv factors of each of ``layers`` (default: every layer TRP works on) of
+    ``handle``, from its current weights; the backend's ``apply_decompositions`` builds them."""
+    state = handle.state_numpy()
+    names = layers if layers is not None else [l.name for l in TRPPruner().select_layers(handle.layers)]
+    out = []
+    for name in names:
+        info = handle.layer(name)
+        out.append(decomposition_factors(state[f"{name}.weight"], state.get(f"{name}.bias"), info.stride, info.padding,
+                                         scheme, threshold, rank, energy, layer=name))
+    return out

@@ -19,6 +19,7 @@ import sys
 from typing import List, Optional
 
 from prunekit.errors import ConfigError, PrunekitError
+from prunekit.algorithms import PLANNED, algorithm_names
 from prunekit.app.job import RunConfig, run
 
 
@@ -32,7 +33,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=d.model, help="reference model, see `prunekit list` (default %(default)s)")
     p.add_argument("--dataset", default=d.dataset, help="cifar10, mnist or fashion_mnist (default %(default)s)")
     p.add_argument("--data-root", default=None, help="data folder (cifar-10-batches-py, the JPEG zips, or idx files)")
-    p.add_argument("--algorithm", default=d.algorithm, help="pruning algorithm (default %(default)s)")
+    p.add_argument("--algorithm", default=d.algorithm,
+                   help=f"pruning algorithm: {', '.join(algorithm_names())} (default %(default)s)")
     p.add_argument("--sparsity", type=float, default=d.sparsity, help="final sparsity in [0, 1) (default %(default)s)")
     p.add_argument("--granularity", default=d.granularity, choices=["unstructured", "channel"])
     p.add_argument("--scope", default=d.scope, choices=["global", "layer"])
@@ -57,7 +59,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="data-parallel training; start with torchrun (torch) or msrun (mindspore), "
                         "which also turn it on by themselves")
     p.add_argument("--set", dest="params", action="append", default=[], metavar="KEY=VALUE",
-                   help="an algorithm setting, e.g. --set partial_k=0.1 --set lam=0.5 (repeatable)")
+                   help="an algorithm setting, e.g. --set partial_k=0.1 --set lam=0.5 (repeatable; the value is "
+                        "read as YAML and checked against the algorithm's settings)")
     p.add_argument("--decompose-threshold", type=float, default=d.decompose_threshold,
                    help="TRP: singular values kept by the final decomposition (default %(default)s)")
     p.add_argument("--recipe", default=None, help="a YAML recipe; flags given beside it override its values")
@@ -158,12 +161,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                   f"{result['source_backend']} model by at most {result['max_abs_diff']:.3g}")
             return 0
         if args.command == "list":
-            from prunekit.algorithms import ALGORITHMS, PLANNED
             from prunekit.contract.backend import BACKENDS
             from prunekit.app.data import DATASETS
             from prunekit.contract.reference_models import MODELS
             print("models:     " + ", ".join(MODELS))
-            print("algorithms: " + ", ".join(ALGORITHMS) + (f" (planned: {', '.join(PLANNED)})" if PLANNED else ""))
+            print("algorithms: " + ", ".join(algorithm_names()) + (f" (planned: {', '.join(PLANNED)})" if PLANNED else ""))
             print("backends:   " + ", ".join(BACKENDS))
             print("datasets:   " + ", ".join(DATASETS))
             return 0

@@ -23,14 +23,7 @@ import numpy as np
 
 from prunekit.app import checkpoint
 from prunekit.app import data as datasets
-from prunekit.algorithms import ALGORITHMS, make_algorithm
-from prunekit.algorithms.channel import ChannelConfig
-from prunekit.algorithms.dsa import DSAConfig
-from prunekit.algorithms.magnitude import MagnitudeConfig
-from prunekit.algorithms.precrop import PreCropConfig
-from prunekit.algorithms.rpg import RPGConfig
-from prunekit.algorithms.sdprun import SDPrunConfig
-from prunekit.algorithms.trp import TRPConfig
+from prunekit.algorithms import DEFAULT_ALGORITHM, algorithm_class, algorithm_config, make_algorithm, setting_types
 from prunekit.contract.backend import check_backend_name, get_backend
 from prunekit.app.distributed import check_batch_size, parallel_backend, start_distributed
 from prunekit.errors import ConfigError
@@ -42,17 +35,13 @@ from prunekit.app.report import build_report, format_report, save_report
 from prunekit.decisions.selection import check_sparsity
 
 
-ALGORITHM_CONFIGS = {"magnitude": MagnitudeConfig, "rpg": RPGConfig, "trp": TRPConfig, "sdprun": SDPrunConfig,
-                     "dsa": DSAConfig, "precrop": PreCropConfig, "channel": ChannelConfig}
-
-
 @dataclass
 class RunConfig:
     backend: str = "torch"
     model: str = "resnet20"
     dataset: str = "cifar10"
     data_root: Optional[str] = None
-    algorithm: str = "magnitude"
+    algorithm: str = DEFAULT_ALGORITHM
     sparsity: float = 0.9
     granularity: str = "unstructured"
     scope: str = "global"
@@ -75,7 +64,7 @@ class RunConfig:
     progress: bool = True
     distributed: Optional[bool] = None  # data parallel (torchrun / msrun); None: when launched by one
     params: Dict[str, Any] = field(default_factory=dict)  # algorithm hyperparameters (--set key=value)
-    decompose_threshold: float = 0.05  # TRP: singular values kept by the final decomposition
+    decompose_threshold: float = 0.05  # singular values kept by a final decomposition (TRP's)
     checkpoint_every: Optional[int] = None  # steps between checkpoints; None: once per epoch; 0: none
     resume: bool = False  # continue from <out>/checkpoint (an error if there is none)
     deterministic: bool = False  # deterministic kernels, one thread: bitwise-reproducible resumes on CPU
@@ -84,9 +73,7 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         self.backend = check_backend_name(self.backend)
         self.model = check_model_name(self.model)
-        if str(self.algorithm).lower() not in ALGORITHMS:
-            make_algorithm(self.algorithm)  # raises the right "unknown"/"not yet" error
-        self.algorithm = str(self.algorithm).lower()
+        self.algorithm = algorithm_class(self.algorithm).name
         self.sparsity = check_sparsity(self.sparsity)
         self.dataset = datasets.check_dataset_name(self.dataset)
         for key in ("dense_epochs", "prune_epochs"):
@@ -113,24 +100,16 @@ class RunConfig:
 
     def algorithm_kwargs(self, prune_steps: int = 1000) -> dict:
         """The algorithm's config: the run's common settings that the algorithm has, then
-        ``params`` (``--set key=value``), checked by the algorithm's own config class."""
-        config_cls = ALGORITHM_CONFIGS[self.algorithm]
-        names = {f.name for f in dataclasses.fields(config_cls)}
+        ``params`` (``--set key=value``), checked by the registry and the algorithm's config class."""
+        names = set(setting_types(self.algorithm))
         frequency = self.frequency
         if frequency is None:
             frequency = max(1, int(self.end_fraction * prune_steps) // 10)
         common = {"sparsity": self.sparsity, "granularity": self.granularity, "scope": self.scope,
                   "schedule": self.schedule, "frequency": frequency, "end_fraction": self.end_fraction}
         kwargs = {k: v for k, v in common.items() if k in names}
-        unknown = sorted(set(self.params) - names)
-        if unknown:
-            raise ConfigError(f"unknown {self.algorithm} setting(s) {', '.join(unknown)}; "
-                              f"allowed: {', '.join(sorted(names))}")
         kwargs.update(self.params)
-        try:
-            return {"config": config_cls(**kwargs)}
-        except TypeError as e:
-            raise ConfigError(f"bad {self.algorithm} setting: {e}") from None
+        return {"config": algorithm_config(self.algorithm, **kwargs)}
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -180,8 +159,8 @@ def run(cfg: RunConfig, echo=print) -> dict:
     """Run the whole job; returns the report (also saved under ``cfg.out``)."""
     cfg.validate()
     cfg, echo, comm = _start_data_parallel(cfg, echo)  # rank 0 alone prints and writes files
-    # an algorithm that prunes at initialization (PreCropping) scores the untrained model: no dense phase
-    at_init = bool(getattr(ALGORITHMS[cfg.algorithm], "prunes_at_init", False))
+    # an algorithm that prunes at initialization scores the untrained model: no dense phase
+    at_init = algorithm_class(cfg.algorithm).prunes_at_init
     if at_init:
         if cfg.resume:
             raise ConfigError(f"{cfg.algorithm} runs cannot be resumed yet (the model is rebuilt at initialization)")
@@ -198,7 +177,9 @@ def run(cfg: RunConfig, echo=print) -> dict:
     if cfg.deterministic:
         backend.checkpoint.make_deterministic()
     ds = datasets.load_dataset(cfg.dataset, root=cfg.data_root, train_limit=cfg.train_limit, test_limit=cfg.test_limit)
-    ds, held_out = _split_held_out(ds, cfg)  # bi-level algorithms (DSA): weights train on the rest
+    # bi-level algorithms: the weights train on the rest (the fraction is known before the steps are)
+    fraction = make_algorithm(cfg.algorithm, **cfg.algorithm_kwargs()).held_out_fraction
+    ds, held_out = _split_held_out(ds, cfg, fraction)
     handle = backend.model_handle(cfg.model, ds.num_classes, ds.in_channels, ds.image_size, seed=cfg.seed,
                                   device=cfg.device)
     steps_per_epoch = datasets.num_batches(len(ds.y_train), cfg.batch_size)
@@ -239,8 +220,8 @@ def run(cfg: RunConfig, echo=print) -> dict:
         handle, init_extra = _prune_at_init(backend, handle, algorithm, ds, cfg, echo)
         progress.handle = handle  # checkpoints save the model that trains
         train_algorithm = algorithm.training_algorithm()
-    # an algorithm that is itself the update rule (sDprun: gRDA) names the optimizer it assumes
-    overrides = algorithm.trainer_overrides() if hasattr(algorithm, "trainer_overrides") else {}
+    # an algorithm that is itself the update rule names the optimizer it assumes
+    overrides = algorithm.trainer_overrides()
     if overrides:
         echo("pruning phase optimizer set by " + cfg.algorithm + ": "
              + ", ".join(f"{k}={v}" for k, v in overrides.items()))
@@ -259,12 +240,13 @@ def run(cfg: RunConfig, echo=print) -> dict:
     progress.record("final", train_algorithm)  # measured after the algorithm's final decisions
     accuracy["after_pruning"] = _evaluate(trainer, ds, cfg)
     extra = dict(init_extra)
-    if cfg.algorithm == "trp":
-        handle, extra = _decompose(backend, handle, algorithm, cfg)
+    transform = algorithm.final_transform(handle, backend, cfg.decompose_threshold)
+    if transform is not None:  # a model rebuilt from the trained one (e.g. a low-rank decomposition)
+        handle, extra[transform.name] = transform.handle, transform.section
         tester = backend.Trainer(handle, None, cfg.optimizer, lr, cfg.momentum, cfg.weight_decay, total_steps=1)
-        accuracy["after_decomposition"] = _evaluate(tester, ds, cfg)
+        accuracy[f"after_{transform.name}"] = _evaluate(tester, ds, cfg)
     # (an algorithm that pruned at initialization trained the narrow model already)
-    channel_keep = None if at_init else getattr(algorithm, "channel_keep", None)
+    channel_keep = None if at_init else (algorithm.channel_keep or None)
     if channel_keep:  # a channel-pruning algorithm: build the narrower dense model and measure it
         handle, extra["compaction"] = _compact(backend, handle, channel_keep, echo, cfg.latency_batch)
         tester = backend.Trainer(handle, None, cfg.optimizer, lr, cfg.momentum, cfg.weight_decay, total_steps=1)
@@ -272,7 +254,7 @@ def run(cfg: RunConfig, echo=print) -> dict:
 
     run_info = {"backend": cfg.backend, "algorithm": cfg.algorithm, "dataset": cfg.dataset,
                 "train_images": int(len(ds.y_train)), "test_images": int(len(ds.y_test)),
-                "target_sparsity": cfg.sparsity if hasattr(algorithm.config, "sparsity") and train_algorithm is not None else None,
+                "target_sparsity": algorithm.target_sparsity,
                 "granularity": cfg.granularity, "scope": cfg.scope,
                 "schedule": cfg.schedule, "dense_epochs": cfg.dense_epochs, "prune_epochs": cfg.prune_epochs,
                 "steps": (cfg.dense_epochs + cfg.prune_epochs) * steps_per_epoch,
@@ -280,8 +262,7 @@ def run(cfg: RunConfig, echo=print) -> dict:
                 "checkpoints": progress.checkpoints_written or None,
                 "checkpoint_seconds": round(progress.seconds["checkpoint"], 2) if progress.checkpoints_written else None,
                 "resumed_at_steps": progress.resumed_at or None}
-    ranks = getattr(algorithm, "ranks", None)
-    report = build_report(handle, accuracy, run_info, ranks=ranks, extra=extra)
+    report = build_report(handle, accuracy, run_info, ranks=algorithm.ranks, extra=extra)
     report["algorithm_config"] = _config_record(algorithm.config)
     report["trajectory"] = progress.trajectory
     if comm is not None and not comm.is_main:
@@ -373,10 +354,9 @@ def _silent(*args, **kwargs) -> None:
 def _prune_at_init(backend, handle, algorithm, ds, cfg: RunConfig, echo):
     """Score the untrained model (training batches, no augmentation, for data-driven scores) and
     return the model to train and the report section: parameters and MACs of both models, measured."""
-    count = getattr(algorithm.config, "batches", 1)
     data = datasets.batches(ds.x_train, ds.y_train, cfg.batch_size, seed=cfg.seed, epoch=0, augment=False,
                             mean=ds.mean, std=ds.std)
-    batches = [b for _, b in zip(range(count), data)]
+    batches = [b for _, b in zip(range(algorithm.scoring_batches), data)]
     before = count_handle(handle)
     t0 = time.perf_counter()
     model = algorithm.prepare(handle, backend, batches, seed=cfg.seed)
@@ -393,10 +373,9 @@ def _prune_at_init(backend, handle, algorithm, ds, cfg: RunConfig, echo):
     return model, section
 
 
-def _split_held_out(ds, cfg: RunConfig):
-    """For an algorithm with a ``val_fraction`` (DSA's α steps), split that share of the training
-    set off (``data.split_train_val``): ``(dataset of the rest, (x, y) held out)``; else ``(ds, None)``."""
-    fraction = getattr(cfg.algorithm_kwargs()["config"], "val_fraction", None)
+def _split_held_out(ds, cfg: RunConfig, fraction: Optional[float]):
+    """For an algorithm with a ``held_out_fraction``, split that share of the training set off
+    (``data.split_train_val``): ``(dataset of the rest, (x, y) held out)``; else ``(ds, None)``."""
     if not fraction:
         return ds, None
     x_train, y_train, x_val, y_val = datasets.split_train_val(ds.x_train, ds.y_train, fraction, seed=cfg.seed)
@@ -418,21 +397,3 @@ def _identity(cfg: RunConfig) -> dict:
     return {"backend": cfg.backend, "model": cfg.model, "algorithm": cfg.algorithm, "dataset": cfg.dataset,
             "config": checkpoint.run_fingerprint(settings)}
 
-
-def _decompose(backend, handle, algorithm, cfg: RunConfig):
-    """TRP's final step: split each trained low-rank conv into two convs; measure both models."""
-    from prunekit.app.decompose import plan_decompositions
-
-    before = count_handle(handle)
-    decompositions = plan_decompositions(handle, algorithm.config.scheme, threshold=cfg.decompose_threshold,
-                                         layers=[l.name for l in algorithm.layers])
-    new_handle = backend.apply_decompositions(handle, decompositions)
-    after = count_handle(new_handle)
-    summary = {
-        "scheme": algorithm.config.scheme,
-        "threshold": cfg.decompose_threshold,
-        "ranks": {d.layer: d.rank for d in decompositions},
-        **_sizes(before, after),
-        "flops_reduction": before["dense_macs"] / max(1, after["dense_macs"]),
-    }
-    return new_handle, {"decomposition": summary}
