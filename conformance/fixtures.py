@@ -81,3 +81,11 @@ def weight_scenarios() -> Dict[str, Dict[str, np.ndarray]]:
 
 
 DEPTHWISE_GROUPS = {"depthwise": 48}
+
+#: the scenarios the rank-based cases (RPG, TRP) run on
+RANK_SCENARIOS = ("random", "exact_ties", "all_zero_layer", "rank_deficient", "pointwise_and_depthwise")
+
+
+def float32_weights(scenario: str) -> Dict[str, np.ndarray]:
+    """The layer weights of one of :func:`weight_scenarios`, as float32."""
+    return {k: v.astype(np.float32) for k, v in weight_scenarios()[scenario].items()}
