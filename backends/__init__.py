@@ -1,9 +1,31 @@
-"""Framework adapters. One sub-package per framework, with the same file names in each:
+"""Framework adapters, and the registrations of the built-in ones.
 
+One sub-package per framework, with the same file names in each:
+
+* ``backend.py`` the :class:`prunekit.contract.backend.Backend` the core talks to (``BACKEND`` in
+  the package), delegating to the files below
+* ``runtime.py`` ``configure_process()``: the process-wide settings the package applies on import
 * ``ops.py``     the neutral tensor API (:class:`prunekit.contract.ops.Ops`) on the framework's tensors
 * ``layers.py``  discovery of prunable layers and the :class:`prunekit.contract.handle.ModelHandle`
 * ``models.py``  the reference models, one parameter-naming scheme across frameworks
 * ``driver.py``  training-loop integration (masking gradients, optimizer state and weights)
 
-Only files in here import a framework.
+Only the sub-packages import a framework. This file does not: the core's registry
+(:mod:`prunekit.contract.backend`) reads :data:`BUILTIN` from it to know the built-in backends,
+their aliases, launchers and export formats without importing any framework.
 """
+from prunekit.contract.backend import BackendSpec
+
+#: the built-in backends, registered first (in this order)
+BUILTIN = (
+    BackendSpec(
+        name="torch", module="prunekit.backends.torch", framework="torch", title="PyTorch",
+        aliases=("pytorch",), default=True,
+        launcher="torchrun --nproc_per_node=N -m prunekit run ...",
+        export_formats={"onnx": ".onnx", "torch": ".pt"}),
+    BackendSpec(
+        name="mindspore", module="prunekit.backends.mindspore", framework="mindspore", title="MindSpore",
+        aliases=("ms",),
+        launcher="msrun --worker_num=N --local_worker_num=N --join=True $(which prunekit) run ...",
+        export_formats={"mindir": ".mindir", "mindspore-ckpt": ".ckpt"}),
+)

@@ -1,6 +1,6 @@
 """Shared test setup: the repository root on ``sys.path`` and a per-backend ``Ops`` fixture.
 
-``neutral_ops`` runs a test once per backend listed in :data:`prunekit.contract.backend.BACKENDS` and
+``neutral_ops`` runs a test once per registered backend (:func:`prunekit.contract.backend.backend_names`) and
 skips the backends whose framework or adapter cannot be loaded here, so tests written only
 against :class:`prunekit.contract.ops.Ops` cover every backend that works in this environment.
 """
@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from prunekit.contract.backend import BACKENDS, get_backend  # noqa: E402
+from prunekit.contract.backend import backend_names, get_backend  # noqa: E402
 from prunekit.contract.ops import Ops  # noqa: E402
 
 _OPS_CACHE = {}
@@ -25,14 +25,7 @@ def load_ops(name: str) -> Ops:
     """An ``Ops`` instance of backend ``name``, or ``pytest.skip`` if it cannot be had."""
     if name not in _OPS_CACHE:
         try:
-            module = get_backend(name)
-            cls = getattr(module, "Ops", None)
-            if cls is None or cls is Ops:  # fall back to the adapter's ops module
-                import importlib
-                ops_module = importlib.import_module(module.__name__ + ".ops")
-                cls = next((v for v in vars(ops_module).values()
-                            if isinstance(v, type) and issubclass(v, Ops) and v is not Ops), None)
-            _OPS_CACHE[name] = cls() if cls is not None else f"backend {name!r} defines no Ops class"
+            _OPS_CACHE[name] = get_backend(name).Ops()
         except Exception as e:  # framework missing, adapter absent or half-written
             _OPS_CACHE[name] = f"backend {name!r} unavailable: {type(e).__name__}: {e}"
     value = _OPS_CACHE[name]
@@ -41,7 +34,7 @@ def load_ops(name: str) -> Ops:
     return value
 
 
-@pytest.fixture(params=sorted(BACKENDS))
+@pytest.fixture(params=sorted(backend_names()))
 def neutral_ops(request) -> Ops:
     return load_ops(request.param)
 
@@ -52,9 +45,9 @@ def _unavailable(message: str):
     pytest.skip(message)
 
 
-@pytest.fixture(scope="module", params=sorted(BACKENDS))
+@pytest.fixture(scope="module", params=sorted(backend_names()))
 def backend(request):
-    """The backend module (model handles, Trainer), once per backend; skipped where it cannot be
+    """The :class:`~prunekit.contract.backend.Backend` (model handles, Trainer), once per backend; skipped where it cannot be
     loaded, except in CI (or with PRUNEKIT_REQUIRE_BACKENDS=1), where that fails."""
     try:
         return get_backend(request.param)

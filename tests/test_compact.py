@@ -95,7 +95,7 @@ def test_mnist_flatten_columns_and_plan_roundtrip(backend, tmp_path):
     full = h.weights_numpy()["fc1"]
     cols = np.concatenate([np.arange(c * 49, (c + 1) * 49) for c in keep["conv2"]])
     assert np.array_equal(w["fc1"], full[::2][:, cols])
-    plan = PruningPlan(model=h.model_name, algorithm="channel", backend=backend.NAME,
+    plan = PruningPlan(model=h.model_name, algorithm="channel", backend=backend.name,
                        layer_signature=signature(h.layers), kept_channels=keep)
     plan.save(str(tmp_path / "plan"))
     fresh = backend.model_handle("mnist_cnn", 10, 1, 28, seed=0)

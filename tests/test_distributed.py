@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from prunekit.app.cli import main as cli_main
-from prunekit.app.distributed import (Communicator, ConsistencyGuard, DistributedMismatch, check_batch_size,
-                                  launcher_world_size, shard)
+from prunekit.app.distributed import Communicator, ConsistencyGuard, DistributedMismatch, check_batch_size, shard
+from prunekit.contract.backend import get_backend
 from prunekit.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -193,9 +193,9 @@ def test_batches_must_split_evenly_and_launcher_is_required(tmp_path, capsys, mo
         shard(x, y, 0, 4)
     with pytest.raises(ConfigError, match="batch_size 30 does not split evenly"):
         check_batch_size(30, 4)
-    assert launcher_world_size("torch", {"WORLD_SIZE": "2", "RANK": "1"}) == 2
-    assert launcher_world_size("mindspore", {"MS_ROLE": "MS_SCHED", "MS_WORKER_NUM": "2"}) == 2
-    assert launcher_world_size("torch", {}) == 1
+    assert get_backend("torch").launcher_world_size({"WORLD_SIZE": "2", "RANK": "1"}) == 2
+    assert get_backend("mindspore").launcher_world_size({"MS_ROLE": "MS_SCHED", "MS_WORKER_NUM": "2"}) == 2
+    assert get_backend("torch").launcher_world_size({}) == 1
     for key in ("WORLD_SIZE", "RANK", "MS_ROLE"):
         monkeypatch.delenv(key, raising=False)
     out = tmp_path / "never"

@@ -83,7 +83,7 @@ def _integer_ratios(groups, r):
 
 @pytest.mark.parametrize("model", ["resnet20", "vgg16", "mobilenetv2"])
 def test_flops_model_equals_counted_flops(backend, model):
-    if backend.NAME == "mindspore" and model != "resnet20":
+    if backend.name == "mindspore" and model != "resnet20":
         pytest.skip("one model on MindSpore keeps the test short (the FLOPs model is neutral)")
     handle = backend.model_handle(model, seed=0)
     groups = find_channel_groups(handle)
@@ -192,9 +192,7 @@ def test_gates_mask_channels_and_leave_the_optimizer_alone(backend):
     params_before = len(handle.parameters_by_name())
     x = np.random.default_rng(6).standard_normal((2, 3, 32, 32)).astype(np.float32)
     dense_out = handle.predict(x)
-    import importlib
-    gates = importlib.import_module(backend.__name__ + ".gates").ChannelGates(
-        handle, {g.name: (g.norms, g.size) for g in groups})
+    gates = backend.channel_gates(handle, {g.name: (g.norms, g.size) for g in groups})
     masks = {g.name: (np.arange(g.size) % 3 != 0).astype(np.float32) for g in groups}
     gates.set(masks)
     gated_out = handle.predict(x)
@@ -256,7 +254,7 @@ def test_short_cifar_run_ends_within_budget_after_compaction(backend):
     plan = algo.plan()
     assert plan.kept_channels == {k: v.tolist() for k, v in keep.items()}
     assert set(plan.keep_ratios) == set(keep)
-    print(f"{backend.NAME}: DSA run {time.perf_counter() - t0:.1f} s, FLOPs {measured / (2 * B):.4f} of dense")
+    print(f"{backend.name}: DSA run {time.perf_counter() - t0:.1f} s, FLOPs {measured / (2 * B):.4f} of dense")
 
 
 def test_job_runs_dsa_and_reports_the_compacted_model(tmp_path):

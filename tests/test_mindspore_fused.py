@@ -109,9 +109,9 @@ def test_set_weights_writes_every_layer_in_one_call():
 
 
 def test_numpy_blas_runs_one_thread_beside_mindspore_on_cpu():
-    """NumPy's OpenBLAS threads would compete with MindSpore's (see backends/mindspore/hostblas.py)."""
+    """NumPy's OpenBLAS threads would compete with MindSpore's (see backends/mindspore/runtime.py)."""
     import os
-    from prunekit.backends.mindspore.hostblas import host_blas_threads, limit_host_blas_threads
+    from prunekit.backends.mindspore.runtime import host_blas_threads, limit_host_blas_threads
     if host_blas_threads() is None:
         pytest.skip("NumPy bundles no OpenBLAS here")
     if "OPENBLAS_NUM_THREADS" not in os.environ and os.environ.get("PRUNEKIT_MS_HOST_BLAS_THREADS") is None:

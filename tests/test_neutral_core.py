@@ -1,14 +1,19 @@
-"""The neutral core never imports a framework: checked by running it with the frameworks blocked,
-and statically over every file of the package."""
+"""The neutral core never imports a framework, nor names one: checked by running it with the
+frameworks blocked, and statically over every file of the neutral layers (``prunekit/`` and
+``conformance/``, i.e. the installed package minus ``prunekit.backends``)."""
 import ast
 import os
+import re
 import subprocess
 import sys
 import textwrap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE_DIR = os.path.join(ROOT, "prunekit")
+NEUTRAL_DIRS = (PACKAGE_DIR, os.path.join(ROOT, "conformance"))
 FRAMEWORKS = ("torch", "mindspore", "torchvision")
+#: what counts as naming a framework in code (case-insensitive; torchvision, torchrun, MindSpore ...)
+FRAMEWORK_NAME = re.compile(r"torch|mindspore", re.IGNORECASE)
 
 BLOCKED_IMPORT_SCRIPT = textwrap.dedent("""
     import importlib, importlib.abc, pkgutil, sys
@@ -48,13 +53,16 @@ BLOCKED_IMPORT_SCRIPT = textwrap.dedent("""
     leaked = sorted(n for n in sys.modules if n.split(".")[0] in BLOCKED)
 
     # the registry reports a blocked framework as unavailable instead of crashing
-    from prunekit.contract.backend import available_backends, get_backend
+    from prunekit.contract.backend import available_backends, backend_names, get_backend
     from prunekit.errors import BackendUnavailable
-    try:
-        get_backend("torch")
-        failures.append("get_backend('torch') succeeded with torch blocked")
-    except BackendUnavailable:
-        pass
+    if not backend_names():
+        failures.append("no backend registered")
+    for name in backend_names():
+        try:
+            get_backend(name)
+            failures.append(f"get_backend({{name!r}}) succeeded with its framework blocked")
+        except BackendUnavailable:
+            pass
     if available_backends() != []:
         failures.append(f"available_backends() = {{available_backends()}} with frameworks blocked")
 
@@ -137,3 +145,82 @@ def test_static_checker_catches_framework_imports(tmp_path):
                    "from . import torchlike\nimport torchaudio_not\n")
     mods = sorted(m for _, m in _framework_imports(str(bad)))
     assert mods == ["mindspore", "torch", "torch.nn", "torchvision"]
+
+
+# ---------------------------------------------------------------------------- framework names
+def _docstrings(tree):
+    """The string constants that are docstrings (of the module, classes and functions)."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                out.add(id(first.value))
+    return out
+
+
+def _framework_names(source: str, filename: str = "<source>"):
+    """(line, text) of every import, identifier, attribute, argument or keyword name and every
+    non-docstring string constant in ``source`` that names a framework. Comments and docstrings
+    may mention one."""
+    tree = ast.parse(source, filename=filename)
+    docs = _docstrings(tree)
+    hits = []
+    for node in ast.walk(tree):
+        texts = []
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+            texts = [node.value]
+        elif isinstance(node, ast.Name):
+            texts = [node.id]
+        elif isinstance(node, ast.Attribute):
+            texts = [node.attr]
+        elif isinstance(node, ast.alias):
+            texts = [node.name, node.asname or ""]
+        elif isinstance(node, ast.ImportFrom):
+            texts = [node.module or ""]
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            texts = [node.name]
+        elif isinstance(node, ast.arg):
+            texts = [node.arg]
+        elif isinstance(node, ast.keyword):
+            texts = [node.arg or ""]
+        hits += [(getattr(node, "lineno", 0), t) for t in texts if FRAMEWORK_NAME.search(t)]
+    return hits
+
+
+def test_neutral_layers_name_no_framework():
+    offenders = []
+    count = 0
+    for top in NEUTRAL_DIRS:
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+            for f in filenames:
+                if f.endswith(".py"):
+                    count += 1
+                    path = os.path.join(dirpath, f)
+                    with open(path, encoding="utf-8") as fh:
+                        hits = _framework_names(fh.read(), path)
+                    offenders += [f"{os.path.relpath(path, ROOT)}:{line}: {text[:60]!r}" for line, text in hits]
+    assert count >= 10  # the walk really saw the package
+    assert offenders == [], "framework names in the neutral layers (move them into the backend):\n" + "\n".join(offenders)
+
+
+def test_name_checker_catches_framework_names():
+    """The check above would notice each kind of violation, and lets docstrings and comments be."""
+    source = textwrap.dedent('''
+        """Runs on PyTorch and MindSpore (a docstring may say so)."""
+        import mindspore_stub as stub                # 3: import
+        from torchlike import helper                 # 4: module of a from-import
+        LAUNCHER = "torchrun --nproc_per_node=N"     # 5: string constant
+        def to_torch(x, ms_tensor=None):             # 6: function name
+            """Converts for torch."""
+            return x.torch_value, f"{x} on MindSpore"  # 8: attribute, f-string part
+        def f(torch_dtype):                          # 9: argument
+            return dict(mindspore=1)                 # 10: keyword
+        class TorchThing:                            # 11: class name
+            pass
+        torch_ok = 1                                 # 13: identifier
+        # torch in a comment is fine
+    ''')
+    lines = sorted({line for line, _ in _framework_names(source)})
+    assert lines == [3, 4, 5, 6, 8, 9, 10, 11, 13]

@@ -78,7 +78,7 @@ def test_grasp_matches_double_backward(backend):
     h = _handle(backend, "resnet20")
     x, y = _batch(h)
     names = [l.name for l in h.layers]
-    if backend.NAME == "mindspore":
+    if backend.name == "mindspore":
         with pytest.raises(ModelError, match="Hessian-vector product"):
             pai.grasp_scores(h, names, [(x, y)])
         return
@@ -243,7 +243,7 @@ def test_config_is_validated():
 def test_compacted_model_meets_the_parameter_target(backend):
     h = _handle(backend, "resnet20")
     original = h.state_numpy()
-    algo = PreCropPruner(score="synflow", sparsity=0.9, rounds=2 if backend.NAME == "torch" else 1)
+    algo = PreCropPruner(score="synflow", sparsity=0.9, rounds=2 if backend.name == "torch" else 1)
     narrow = algo.prepare(h, backend, seed=0)
     assert all(np.array_equal(original[k], v) for k, v in h.state_numpy().items()), "original model changed"
     plan = algo.channel_plan

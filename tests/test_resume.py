@@ -295,12 +295,12 @@ def test_every_algorithm_state_dict_continues_a_run_exactly(backend_name, name, 
         trainer.train_step(x[t], y[t])
     ckpt.save_checkpoint(str(tmp_path), {"identity": {}, "position": {}, "model": handle.state_numpy(),
                                          "algorithm": algorithm.state_dict(),
-                                         "optimizer": backend.checkpoint.capture_training_state(trainer)})
+                                         "optimizer": backend.capture_training_state(trainer)})
     saved = ckpt.read_checkpoint(ckpt.checkpoint_path(str(tmp_path)))
     handle, algorithm, trainer = build()
     handle.load_state_numpy(saved["model"])
     algorithm.load_state_dict(saved["algorithm"])
-    backend.checkpoint.restore_training_state(trainer, saved["optimizer"])
+    backend.restore_training_state(trainer, saved["optimizer"])
     state_b, plan_b = finish(handle, algorithm, trainer, stop)
     for k in state_a:
         np.testing.assert_array_equal(state_a[k], state_b[k], err_msg=f"{name}: {k}")

@@ -528,7 +528,7 @@ def test_regrown_weights_start_with_zero_optimizer_state(backend, trained_state,
 
 def optimizer_buffers(backend, trainer, handle, name):
     """The optimizer's per-weight state arrays (momentum) of one layer, as NumPy."""
-    if backend.NAME == "torch":
+    if backend.name == "torch":
         p = handle.module(name).weight
         return [v.detach().numpy() for v in trainer.optimizer.state.get(p, {}).values()
                 if hasattr(v, "shape") and tuple(v.shape) == tuple(p.shape)]

@@ -168,7 +168,7 @@ def test_structured_sparsity_grows_on_real_data_and_compacts_exactly(backend):
     tr.finish()
     acc_pruned = _accuracy(h, ds)
     s = algo.summary
-    print(f"\n[{backend.NAME}] {STEPS} steps in {seconds:.1f}s; zero-filter weight fraction per epoch "
+    print(f"\n[{backend.name}] {STEPS} steps in {seconds:.1f}s; zero-filter weight fraction per epoch "
           f"{[round(v, 3) for v in sparsity]}; filters zero {s['zero_filters']}/{s['filters']}, channels removed "
           f"{s['channels_removed']}/{s['channels']}; test accuracy thresholded {acc_thresholded:.3f}, "
           f"channel-pruned {acc_pruned:.3f}")

@@ -31,10 +31,11 @@ import mindspore as ms
 import mindspore.nn as nn
 import mindspore.ops as msops
 
-from prunekit.app.distributed import (MS_ROLES, Communicator, ConsistencyGuard, CountingBatches,
+from prunekit.app.distributed import (Communicator, ConsistencyGuard, CountingBatches,
                                   average_running_stats, broadcast_state, combine_evaluation, set_world, shard, shard_batches, world)
 from prunekit.errors import ConfigError
 
+from .backend import MS_ROLES
 from .driver import PruningSession, Trainer
 
 _initialised = False

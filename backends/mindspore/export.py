@@ -80,7 +80,7 @@ def save_checkpoint(handle: MindSporeModelHandle, path: str, structure: ModelStr
 def load_checkpoint(path: str, structure: Optional[ModelStructure] = None) -> MindSporeModelHandle:
     """A new MindSpore model rebuilt from the structure description next to ``path`` (or
     ``structure``) holding the parameters of ``path``; every name and shape must match."""
-    import prunekit.backends.mindspore as backend
+    from prunekit.backends.mindspore import BACKEND as backend
 
     structure = structure or ModelStructure.load(structure_path(path))
     if not os.path.exists(path):
@@ -107,7 +107,7 @@ def export(fmt: str, structure: ModelStructure, state: Dict[str, np.ndarray], ou
            reference: np.ndarray, tolerance: float = DEFAULT_TOLERANCE) -> dict:
     """Rebuild the model from ``structure`` + ``state`` and write it as ``fmt`` ("mindir" or
     "mindspore-ckpt"), checking the written file's outputs on ``x`` against ``reference``."""
-    import prunekit.backends.mindspore as backend
+    from prunekit.backends.mindspore import BACKEND as backend
 
     handle = structure.build(backend, state)
     if fmt == "mindir":

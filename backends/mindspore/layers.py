@@ -147,6 +147,8 @@ def write_(param: ms.Parameter, value) -> None:
 class MindSporeModelHandle(ModelHandle):
     """Reads and writes a MindSpore model's prunable weights and its whole state by shared name."""
 
+    backend = "mindspore"
+
     def __init__(self, model: nn.Cell, input_shape: Sequence[int], model_name: str = "model",
                  ops: MindSporeOps | None = None):
         self.model = model

@@ -1,23 +1,22 @@
-"""The PyTorch backend (CPU and CUDA)."""
-from .driver import PruningSession, Trainer, make_optimizer
-from . import checkpoint
-from .layers import TorchModelHandle, discover_layers
-from .compact import compact
-from .timing import time_inference
-from .models import build_model
-from .surgery import apply_decompositions
-from .ops import TorchOps
+"""The PyTorch backend (CPU and CUDA).
 
-NAME = "torch"
+``BACKEND`` is its :class:`prunekit.contract.backend.Backend` (what the core uses, through
+``prunekit.contract.backend.get_backend("torch")``); the names below are for users' own code.
+"""
+from .runtime import configure_process
+
+configure_process()
+
+from .driver import PruningSession, Trainer, make_optimizer  # noqa: E402
+from .layers import TorchModelHandle, discover_layers  # noqa: E402
+from .compact import compact  # noqa: E402
+from .timing import time_inference  # noqa: E402
+from .models import build_model  # noqa: E402
+from .surgery import apply_decompositions  # noqa: E402
+from .ops import TorchOps  # noqa: E402
+from .backend import TorchBackend  # noqa: E402
+
+BACKEND = TorchBackend()
 Ops = TorchOps
-
-
-def model_handle(name: str, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, seed: int = 0,
-                 device: str | None = None, width: int = 1) -> TorchModelHandle:
-    """Build a reference model with the shared seeded initialisation and wrap it in a handle."""
-    model = build_model(name, num_classes, in_channels, width)
-    if device:
-        model.to(device)
-    handle = TorchModelHandle(model, (in_channels, image_size, image_size), name)
-    handle.initialize(seed)
-    return handle
+#: a reference model with the shared seeded initialisation, in a handle (:meth:`TorchBackend.model_handle`)
+model_handle = BACKEND.model_handle

@@ -101,7 +101,7 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
 def load_state_dict(path: str, structure: Optional[ModelStructure] = None) -> TorchModelHandle:
     """A new PyTorch model rebuilt from the structure description next to ``path`` (or
     ``structure``) holding the weights of ``path``; names and shapes must match exactly."""
-    import prunekit.backends.torch as backend
+    from prunekit.backends.torch import BACKEND as backend
 
     structure = structure or ModelStructure.load(structure_path(path))
     state = read_state_dict(path)
@@ -117,7 +117,7 @@ def export(fmt: str, structure: ModelStructure, state: Dict[str, np.ndarray], ou
            reference: np.ndarray, tolerance: float = DEFAULT_TOLERANCE) -> dict:
     """Rebuild the model from ``structure`` + ``state`` and write it as ``fmt`` ("onnx" or
     "torch"), checking the written file's outputs on ``x`` against ``reference``."""
-    import prunekit.backends.torch as backend
+    from prunekit.backends.torch import BACKEND as backend
 
     handle = structure.build(backend, state)
     if fmt == "onnx":

@@ -65,6 +65,8 @@ def discover_layers(model: nn.Module, input_shape: Sequence[int]) -> List[LayerI
 class TorchModelHandle(ModelHandle):
     """Reads and writes a PyTorch model's prunable weights and its whole state by shared name."""
 
+    backend = "torch"
+
     def __init__(self, model: nn.Module, input_shape: Sequence[int], model_name: str = "model"):
         self.model = model
         self.ops = TorchOps()

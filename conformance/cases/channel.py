@@ -28,12 +28,10 @@ def _group_code(group, layer_index: Dict[str, int], norm_index: Dict[str, int]) 
 
 def _channel_groups(backend, model: str, in_ch: int, size: int) -> Outputs:
     """The dependency groups found by each backend's probe, as integer codes per group name."""
-    import importlib
-
     from prunekit.decisions.channel_groups import find_channel_groups
 
     handle = backend.model_handle(model, 10, in_ch, size, seed=41)
-    norms = importlib.import_module(backend.__name__ + ".channels").norm_layers(handle)
+    norms = backend.norm_layers(handle)
     layer_index = {l.name: i for i, l in enumerate(handle.layers)}
     norm_index = {n: i for i, (n, _) in enumerate(norms)}
     groups = find_channel_groups(handle)

@@ -239,10 +239,10 @@ class DSAConfig:
 
 
 def backend_gates(handle) -> Callable:
-    """The ``ChannelGates`` class of the handle's backend (``backends/<fw>/gates.py``)."""
-    from prunekit.decisions.channel_groups import backend_module
+    """The channel-gate factory of the handle's backend (:meth:`Backend.channel_gates`)."""
+    from prunekit.contract.backend import backend_of
 
-    return backend_module(handle, "gates").ChannelGates
+    return backend_of(handle).channel_gates
 
 
 # ------------------------------------------------------------------------------ the algorithm

@@ -21,6 +21,7 @@ from typing import List, Optional
 from prunekit.errors import ConfigError, PrunekitError
 from prunekit.algorithms import PLANNED, algorithm_names
 from prunekit.app.job import RunConfig, run
+from prunekit.contract.backend import backend_names, backend_specs
 
 
 def _none_or_int(text: str):
@@ -29,7 +30,7 @@ def _none_or_int(text: str):
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     d = RunConfig()
-    p.add_argument("--backend", default=d.backend, help="torch or mindspore (default %(default)s)")
+    p.add_argument("--backend", default=d.backend, help=f"{', '.join(backend_names())} (default %(default)s)")
     p.add_argument("--model", default=d.model, help="reference model, see `prunekit list` (default %(default)s)")
     p.add_argument("--dataset", default=d.dataset, help="cifar10, mnist or fashion_mnist (default %(default)s)")
     p.add_argument("--data-root", default=None, help="data folder (cifar-10-batches-py, the JPEG zips, or idx files)")
@@ -52,12 +53,13 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-limit", type=_none_or_int, default=d.test_limit)
     p.add_argument("--no-augment", dest="augment", action="store_false")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=None, help="e.g. cuda or cpu (PyTorch); default: CPU")
+    p.add_argument("--device", default=None, help="the backend's device, e.g. cpu or cuda; default: CPU")
     p.add_argument("--out", default=d.out, help="output folder (default %(default)s)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--distributed", dest="distributed", action="store_const", const=True, default=None,
-                   help="data-parallel training; start with torchrun (torch) or msrun (mindspore), "
-                        "which also turn it on by themselves")
+                   help="data-parallel training; start with the backend's launcher ("
+                        + ", ".join(f"{s.launcher.split()[0]} for {s.name}" for s in backend_specs() if s.launcher)
+                        + "), which also turns it on by itself")
     p.add_argument("--set", dest="params", action="append", default=[], metavar="KEY=VALUE",
                    help="an algorithm setting, e.g. --set partial_k=0.1 --set lam=0.5 (repeatable; the value is "
                         "read as YAML and checked against the algorithm's settings)")
@@ -103,12 +105,13 @@ def parse_settings(items: List[str]) -> dict:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="prunekit", description="Neural-network pruning on PyTorch and MindSpore.")
+    parser = argparse.ArgumentParser(prog="prunekit", description="Neural-network pruning on "
+                                     + " and ".join(s.title or s.name for s in backend_specs()) + ".")
     sub = parser.add_subparsers(dest="command", required=True)
     run_parser = sub.add_parser("run", help="train, prune and report on a reference model")
     _add_run_args(run_parser)
     conf = sub.add_parser("conformance", help="check that the backends make identical decisions")
-    conf.add_argument("--backends", default="torch,mindspore")
+    conf.add_argument("--backends", default=",".join(backend_names()))
     conf.add_argument("--out", default="conformance-results")
     conf.add_argument("-k", dest="select", default=None, help="run only cases whose name contains this text")
     sub.add_parser("list", help="list models, algorithms, backends and datasets")
@@ -119,9 +122,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                             help="horizontal axis: measured sparsity or effective MACs (default %(default)s)")
     cmp_parser.add_argument("--accuracy", default=None,
                             help="accuracy key of the reports (default: after_decomposition, else after_pruning)")
-    exp = sub.add_parser("export", help="export a run's pruned model (ONNX, MindIR, PyTorch .pt, MindSpore .ckpt)")
+    from prunekit.app.export import export_formats
+    formats = export_formats()
+    exp = sub.add_parser("export", help="export a run's pruned model ("
+                         + ", ".join(f"{f}: {s} file, {b} backend" for f, (b, s) in formats.items()) + ")")
     exp.add_argument("run_dir", help="a run's output folder (weights.npz, report.json, plan.json)")
-    exp.add_argument("--format", required=True, choices=["onnx", "mindir", "torch", "mindspore-ckpt"])
+    exp.add_argument("--format", required=True, choices=list(formats))
     exp.add_argument("--out", default=None, help="output file (default: <run_dir>/model.<onnx|mindir|pt|ckpt>)")
     exp.add_argument("--check-batch", type=int, default=8, help="images the written file is checked on (default %(default)s)")
     exp.add_argument("--tolerance", type=float, default=1e-4,
@@ -161,12 +167,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                   f"{result['source_backend']} model by at most {result['max_abs_diff']:.3g}")
             return 0
         if args.command == "list":
-            from prunekit.contract.backend import BACKENDS
             from prunekit.app.data import DATASETS
             from prunekit.contract.reference_models import MODELS
             print("models:     " + ", ".join(MODELS))
             print("algorithms: " + ", ".join(algorithm_names()) + (f" (planned: {', '.join(PLANNED)})" if PLANNED else ""))
-            print("backends:   " + ", ".join(BACKENDS))
+            print("backends:   " + ", ".join(backend_names()))
             print("datasets:   " + ", ".join(DATASETS))
             return 0
     except PrunekitError as e:

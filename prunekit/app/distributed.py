@@ -1,13 +1,14 @@
-"""Data-parallel training, the framework-neutral part (no torch or mindspore imports here).
+"""Data-parallel training, the framework-neutral part (no framework imports here).
 
-The backends' ``distributed.py`` (``backends/torch/distributed.py`` under ``torchrun``: DDP on
-gloo or NCCL; ``backends/mindspore/distributed.py`` under ``msrun``: ``DistributedGradReducer``)
-provide a :class:`Communicator` over NumPy arrays and a ``DistributedTrainer``. What is here:
+Each backend provides, through its :class:`prunekit.contract.backend.Backend`, a launcher
+(``torchrun`` for PyTorch's DDP on gloo or NCCL, ``msrun`` for MindSpore's
+``DistributedGradReducer``), ``init_distributed`` returning a :class:`Communicator` over NumPy
+arrays, and a ``DistributedTrainer``. What is here:
 
 * :func:`world` -- the process's communicator (a single-process one when not distributed), so
   an algorithm that computes a decision from per-rank data (activations, batch statistics) can
   average it with ``world().allreduce_mean(array)`` and stay correct under data parallelism;
-* :func:`start_distributed` -- what ``prunekit run`` calls: detects ``torchrun``/``msrun``;
+* :func:`start_distributed` -- what ``prunekit run`` calls: detects the backend's launcher;
 * :func:`shard` -- the rank's contiguous slice of a global batch;
 * :class:`ConsistencyGuard` -- the safety net that every algorithm gets for free. Gradients are
   averaged before any algorithm hook sees them, and weights are updated identically on every
@@ -22,10 +23,8 @@ provide a :class:`Communicator` over NumPy arrays and a ``DistributedTrainer``. 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import logging
-import os
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import numpy as np
 
@@ -34,7 +33,6 @@ from prunekit.errors import ConfigError, PrunekitError
 log = logging.getLogger(__name__)
 
 ON_MISMATCH = ("adopt", "raise")
-MS_ROLES = ("MS_WORKER", "MS_SCHED")
 #: BN statistics (state_numpy names) that are per-rank during training and averaged at the end
 RUNNING_STATS = (".running_mean", ".running_var")
 
@@ -83,40 +81,22 @@ def set_world(comm: Communicator) -> None:
     _WORLD = comm
 
 
-def launcher_world_size(backend_name: str, env=None) -> int:
-    """Processes started by the backend's launcher (``torchrun`` / ``msrun``); 1 if none."""
-    env = os.environ if env is None else env
-    if backend_name == "torch":
-        if "WORLD_SIZE" in env and "RANK" in env:
-            return int(env["WORLD_SIZE"])
-    elif backend_name == "mindspore":
-        # msrun also runs the script in its scheduler process (MS_SCHED), whose ``init()`` serves
-        # the cluster and never returns: it must take the same path as the workers
-        if env.get("MS_ROLE") in MS_ROLES and "MS_WORKER_NUM" in env:
-            return int(env["MS_WORKER_NUM"])
-    return 1
-
-
-LAUNCHERS = {"torch": "torchrun --nproc_per_node=N -m prunekit run ...",
-             "mindspore": "msrun --worker_num=N --local_worker_num=N --join=True $(which prunekit) run ..."}
-
-
 def start_distributed(backend, requested: Optional[bool] = None, device: Optional[str] = None) -> Optional[Communicator]:
-    """Join the launcher's process group when asked (``requested=True``) or, with None, when a
-    launcher started this process with more than one worker. Returns None for a single process."""
-    n = launcher_world_size(backend.NAME)
+    """Join the launcher's process group of ``backend`` (a :class:`~prunekit.contract.backend.Backend`)
+    when asked (``requested=True``) or, with None, when its launcher started this process with
+    more than one worker. Returns None for a single process."""
+    n = backend.launcher_world_size()
     if requested is None:
         requested = n > 1
     if not requested:
         return None
-    if n < 1 or not _launched(backend.NAME):
-        raise ConfigError(f"distributed training on {backend.NAME} needs its launcher: {LAUNCHERS[backend.NAME]}")
-    module = importlib.import_module(backend.__name__ + ".distributed")
-    return module.init_distributed(device)
+    if n < 1 or not backend.launched():
+        raise ConfigError(f"distributed training on {backend.name} needs its launcher: {backend.launcher}")
+    return backend.init_distributed(device)
 
 
 class _ParallelBackend:
-    """A backend module whose ``Trainer`` is its ``DistributedTrainer`` (everything else as is)."""
+    """A backend whose ``Trainer`` is its ``DistributedTrainer`` (everything else as is)."""
 
     def __init__(self, backend, trainer):
         self._backend = backend
@@ -134,15 +114,7 @@ def parallel_backend(backend, comm: Optional[Communicator]):
 
 def trainer_class(backend, comm: Optional[Communicator]):
     """The backend's ``Trainer``, or its ``DistributedTrainer`` when ``comm`` is a started group."""
-    if comm is None:
-        return backend.Trainer
-    return importlib.import_module(backend.__name__ + ".distributed").DistributedTrainer
-
-
-def _launched(backend_name: str) -> bool:
-    if backend_name == "torch":
-        return "WORLD_SIZE" in os.environ and "RANK" in os.environ
-    return os.environ.get("MS_ROLE") in MS_ROLES
+    return backend.Trainer if comm is None else backend.DistributedTrainer
 
 
 def shard(x: np.ndarray, y: np.ndarray, rank: int, size: int):

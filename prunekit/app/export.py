@@ -16,13 +16,13 @@ weights loaded by shared name with every name and shape checked.
 
 :func:`export_run` is ``prunekit export``: it reads a run folder written by
 :func:`prunekit.app.job.run` (``weights.npz``, ``report.json``, ``plan.json``), rebuilds the model on
-the run's backend as the reference, writes the file through the target backend's
-``backends/<name>/export.py`` and checks the file's outputs against the reference. Nothing here
-imports a framework.
+the run's backend as the reference, writes the file through the backend that writes the format
+(:meth:`prunekit.contract.backend.Backend.export`) and checks the file's outputs against the
+reference. Nothing here imports a framework; the formats come from the backend registry
+(:func:`export_formats`).
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -30,18 +30,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from prunekit.contract.backend import check_backend_name, get_backend
+from prunekit.contract.backend import backend_specs, check_backend_name, default_backend_name, get_backend
 from prunekit.errors import ConfigError, PlanError
 
 STRUCTURE_FORMAT = "prunekit-structure/1"
-
-#: format -> (backend that writes it, default file suffix)
-FORMATS = {
-    "onnx": ("torch", ".onnx"),
-    "mindir": ("mindspore", ".mindir"),
-    "torch": ("torch", ".pt"),
-    "mindspore-ckpt": ("mindspore", ".ckpt"),
-}
 
 #: data set -> (classes, input channels, image size): the input geometry of a run's model
 DATASET_GEOMETRY = {"cifar10": (10, 3, 32), "mnist": (10, 1, 28), "fashion_mnist": (10, 1, 28)}
@@ -129,18 +121,15 @@ class ModelStructure:
 
     # ------------------------------------------------------------------ rebuilding
     def build(self, backend, state: Optional[Dict[str, np.ndarray]] = None):
-        """A new model handle of this structure on ``backend`` (a backend module), holding
-        ``state`` when given (every shared name and shape must match)."""
+        """A new model handle of this structure on ``backend`` (a
+        :class:`~prunekit.contract.backend.Backend`), holding ``state`` when given (every shared
+        name and shape must match)."""
         from prunekit.algorithms.trp import decomposition_factors
 
         handle = backend.model_handle(self.model, self.num_classes, self.in_channels, self.image_size, seed=0,
                                       width=self.width)
         if self.kept_channels:
-            compact = getattr(backend, "compact", None)
-            if compact is None:
-                raise ConfigError(f"the {backend.NAME} backend has no channel compaction (backend.compact), "
-                                  "which this compacted model needs")
-            handle = compact(handle, {k: list(v) for k, v in self.kept_channels.items()})
+            handle = backend.compact(handle, {k: list(v) for k, v in self.kept_channels.items()})
         if self.ranks:
             rng = np.random.default_rng(0)
             decompositions = []
@@ -207,7 +196,7 @@ def load_run(run_dir: str) -> Tuple[ModelStructure, Dict[str, np.ndarray], str]:
     if not model or dataset not in DATASET_GEOMETRY:
         raise PlanError(f"report {os.path.join(run_dir, 'report.json')} does not name a model and a known data set "
                         f"(model {model!r}, data set {dataset!r})")
-    backend_name = check_backend_name(run.get("backend") or report.get("backend") or "torch")
+    backend_name = check_backend_name(run.get("backend") or report.get("backend") or default_backend_name())
     classes, channels, size = DATASET_GEOMETRY[dataset]
     structure = ModelStructure(model=model, num_classes=classes, in_channels=channels, image_size=size)
     dec = report.get("decomposition")
@@ -244,12 +233,18 @@ def _shapes_match_reference(plan, state: Dict[str, np.ndarray]) -> bool:
     return True
 
 
-def backend_export_module(fmt: str):
-    """``backends.<name>.export`` for a format (imports that framework)."""
-    if fmt not in FORMATS:
-        raise ConfigError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    backend = get_backend(FORMATS[fmt][0])
-    return importlib.import_module(backend.__name__ + ".export")
+def export_formats() -> Dict[str, Tuple[str, str]]:
+    """Every registered backend's export formats: ``{format: (backend name, default file suffix)}``."""
+    return {fmt: (spec.name, suffix) for spec in backend_specs() for fmt, suffix in spec.export_formats.items()}
+
+
+def format_writer(fmt: str):
+    """The backend that writes ``fmt`` (imports its framework) and the format's default file suffix."""
+    formats = export_formats()
+    if fmt not in formats:
+        raise ConfigError(f"unknown export format {fmt!r}; expected one of {', '.join(formats)}")
+    name, suffix = formats[fmt]
+    return get_backend(name), suffix
 
 
 def compare_outputs(got: np.ndarray, reference: np.ndarray, tolerance: float = DEFAULT_TOLERANCE,
@@ -295,18 +290,18 @@ def write_checked(out: str, tmp: str, write, outputs, reference: np.ndarray, tol
 def export_run(run_dir: str, fmt: str, out: Optional[str] = None, check_batch: int = 8,
                tolerance: float = DEFAULT_TOLERANCE) -> dict:
     """Export a run folder's model; returns what was written and the measured output difference."""
-    module = backend_export_module(fmt)
+    writer, suffix = format_writer(fmt)
     if not isinstance(check_batch, int) or check_batch < 1:
         raise ConfigError(f"check_batch must be a positive integer, got {check_batch!r}")
     structure, state, source = load_run(run_dir)
-    out = out or os.path.join(run_dir, "model" + FORMATS[fmt][1])
-    if not out.endswith(FORMATS[fmt][1]):
-        raise ConfigError(f"{fmt} output {out!r} must end in {FORMATS[fmt][1]}")
+    out = out or os.path.join(run_dir, "model" + suffix)
+    if not out.endswith(suffix):
+        raise ConfigError(f"{fmt} output {out!r} must end in {suffix}")
     folder = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(folder):
         raise ConfigError(f"output folder {folder} does not exist")
     reference = structure.build(get_backend(source), state)
     x = structure.example_input(check_batch)
-    result = module.export(fmt, structure, state, out, x, reference.predict(x), tolerance)
+    result = writer.export(fmt, structure, state, out, x, reference.predict(x), tolerance)
     result.update({"format": fmt, "source_backend": source, "check_batch": check_batch})
     return result

@@ -24,7 +24,7 @@ import numpy as np
 from prunekit.app import checkpoint
 from prunekit.app import data as datasets
 from prunekit.algorithms import DEFAULT_ALGORITHM, algorithm_class, algorithm_config, make_algorithm, setting_types
-from prunekit.contract.backend import check_backend_name, get_backend
+from prunekit.contract.backend import check_backend_name, default_backend_name, get_backend
 from prunekit.app.distributed import check_batch_size, parallel_backend, start_distributed
 from prunekit.errors import ConfigError
 from prunekit.contract.reference_models import check_model_name
@@ -37,7 +37,7 @@ from prunekit.decisions.selection import check_sparsity
 
 @dataclass
 class RunConfig:
-    backend: str = "torch"
+    backend: str = field(default_factory=default_backend_name)
     model: str = "resnet20"
     dataset: str = "cifar10"
     data_root: Optional[str] = None
@@ -175,7 +175,7 @@ def run(cfg: RunConfig, echo=print) -> dict:
         saved = checkpoint.load_checkpoint(cfg.out)
         checkpoint.check_identity(saved["identity"], identity, checkpoint.checkpoint_path(cfg.out))
     if cfg.deterministic:
-        backend.checkpoint.make_deterministic()
+        backend.make_deterministic()
     ds = datasets.load_dataset(cfg.dataset, root=cfg.data_root, train_limit=cfg.train_limit, test_limit=cfg.test_limit)
     # bi-level algorithms: the weights train on the rest (the fraction is known before the steps are)
     fraction = make_algorithm(cfg.algorithm, **cfg.algorithm_kwargs()).held_out_fraction
@@ -192,7 +192,7 @@ def run(cfg: RunConfig, echo=print) -> dict:
     if saved is not None:
         progress.load(saved)
         handle.load_state_numpy(saved["model"])
-        backend.checkpoint.set_rng_state(saved["rng"]["framework"])
+        backend.set_rng_state(saved["rng"]["framework"])
         checkpoint.set_host_rng_state(saved["rng"]["host"])
         echo(f"resuming from {checkpoint.describe(saved)} of {checkpoint.checkpoint_path(cfg.out)}")
     accuracy = progress.accuracy
@@ -202,7 +202,7 @@ def run(cfg: RunConfig, echo=print) -> dict:
         dense = backend.Trainer(handle, None, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay,
                                 total_steps=cfg.dense_epochs * steps_per_epoch)
         if saved is not None and saved.get("trainer_phase") == "dense":
-            backend.checkpoint.restore_training_state(dense, saved["optimizer"])
+            backend.restore_training_state(dense, saved["optimizer"])
         progress.seconds["dense"] += _train_epochs(dense, ds, cfg, cfg.dense_epochs, 0, "dense training",
                                                    progress=progress, done=progress.start_in_phase("dense"))
         accuracy["before_pruning"] = _evaluate(dense, ds, cfg)
@@ -231,7 +231,7 @@ def run(cfg: RunConfig, echo=print) -> dict:
                                                           if "lr_schedule" in overrides else {}))
     if saved is not None and saved.get("trainer_phase") == "prune":
         algorithm.load_state_dict(saved["algorithm"])
-        backend.checkpoint.restore_training_state(trainer, saved["optimizer"])
+        backend.restore_training_state(trainer, saved["optimizer"])
     progress.seconds["prune"] += _train_epochs(trainer, ds, cfg, cfg.prune_epochs, cfg.dense_epochs,
                                                f"pruning ({cfg.algorithm})", train_algorithm, progress=progress,
                                                done=progress.start_in_phase("prune"))

@@ -134,9 +134,9 @@ class RunProgress:
                          "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps},
             "model": self.handle.state_numpy(),
             "trainer_phase": phase,
-            "optimizer": self.backend.checkpoint.capture_training_state(trainer) if trainer is not None else None,
+            "optimizer": self.backend.capture_training_state(trainer) if trainer is not None else None,
             "algorithm": algorithm.state_dict() if algorithm is not None else None,
-            "rng": {"framework": self.backend.checkpoint.rng_state(), "host": ckpt.host_rng_state()},
+            "rng": {"framework": self.backend.rng_state(), "host": ckpt.host_rng_state()},
             "run": self.state_dict(),
         }
         ckpt.save_checkpoint(self.out, state)

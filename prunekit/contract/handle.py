@@ -2,12 +2,13 @@
 
 Each backend implements it in ``backends/<name>/layers.py``. Names are the shared parameter
 names (PyTorch's dotted paths, e.g. ``layer1.0.conv1.weight``); BatchNorm entries use
-``weight``, ``bias``, ``running_mean``, ``running_var`` on both backends.
+``weight``, ``bias``, ``running_mean``, ``running_var`` on both backends. The members below are
+everything the core uses of a handle.
 """
 from __future__ import annotations
 
 import abc
-from typing import Dict, List
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
@@ -16,9 +17,18 @@ from prunekit.contract.ops import Ops, Tensor
 
 
 class ModelHandle(abc.ABC):
+    #: registered name of the backend the handle belongs to (:func:`prunekit.contract.backend.backend_of`)
+    backend: str
+    #: the tensor API on the model's tensors and device
     ops: Ops
+    #: the prunable conv/linear layers, in model order
     layers: List[LayerInfo]
+    #: reference model name (or the name given to ``Backend.wrap``), for messages and plans
     model_name: str
+    #: (channels, height, width) of one input image
+    input_shape: Tuple[int, ...]
+    #: the framework's model object (a module or cell); the core never looks inside it
+    model: Any
 
     @abc.abstractmethod
     def weight(self, layer: str) -> Tensor:
@@ -58,6 +68,18 @@ class ModelHandle(abc.ABC):
     def set_training(self, training: bool) -> bool:
         """Put the model in train (BN batch statistics) or eval mode; returns the previous mode."""
         raise NotImplementedError(f"{type(self).__name__} cannot switch train/eval mode")
+
+    def parameters_by_name(self) -> Dict[str, Any]:
+        """The model's trainable parameters (framework objects) by shared name."""
+        raise NotImplementedError(f"{type(self).__name__} does not list its parameters")
+
+    def module(self, layer: str) -> Any:
+        """The framework module (or cell) of a prunable layer, by name."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its layers' modules")
+
+    def initialize(self, seed: int) -> None:
+        """Load the shared seeded initialisation (identical on every backend for a seed)."""
+        raise NotImplementedError(f"{type(self).__name__} has no shared initialisation")
 
     def layer(self, name: str) -> LayerInfo:
         for l in self.layers:

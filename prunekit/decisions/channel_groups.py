@@ -6,7 +6,7 @@ depthwise convs that carry them through, and the input channels of every layer t
 :func:`find_channel_groups` finds them from the model, not from a table of layer names, with one
 implementation for every backend; a backend only provides the probe below.
 
-The probe (one eval-mode forward per chunk of rows, ``backends/<fw>/channels.py``):
+The probe (one eval-mode forward per chunk of rows, the backend's ``probe_channels``):
 
 * every conv/linear layer's output is replaced by zeros, so no signal crosses a layer that mixes
   channels; every BatchNorm is replaced by the identity (it is per-channel by definition, and its
@@ -29,12 +29,12 @@ the image is not prunable.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from prunekit.contract.backend import backend_of
 from prunekit.errors import ModelError
 
 #: the key under which a backend probe reports the model's output
@@ -60,14 +60,6 @@ class ChannelGroup:
         return {"name": self.name, "size": self.size, "producers": list(self.producers),
                 "consumers": list(self.consumers), "norms": list(self.norms), "depthwise": list(self.depthwise),
                 "prunable": self.prunable, "spatial": dict(self.spatial)}
-
-
-def backend_module(handle, part: str):
-    """``backends.<fw>.<part>`` for the backend a handle belongs to (imported on demand)."""
-    pkg = type(handle).__module__.rsplit(".", 1)[0]
-    if not pkg.startswith("prunekit.backends."):
-        raise ModelError(f"{type(handle).__name__} is not a backend model handle; channel groups need one")
-    return importlib.import_module(f"{pkg}.{part}")
 
 
 def _bits(n: int) -> int:
@@ -204,9 +196,9 @@ def _probe_all(probe, producers: List[Tuple[Optional[str], int]]) -> Dict[Option
 def find_channel_groups(handle) -> List[ChannelGroup]:
     """The channel dependency groups of a model (see the module docstring), in a deterministic
     order: the image's group first, then by the first producer's position in the layer order."""
-    mod = backend_module(handle, "channels")
+    backend = backend_of(handle)
     layers = list(handle.layers)
-    norms: List[Tuple[str, int]] = list(mod.norm_layers(handle))
+    norms: List[Tuple[str, int]] = list(backend.norm_layers(handle))
     order = {l.name: i for i, l in enumerate(layers)}
     depthwise = {l.name for l in layers if l.kind == "conv" and l.groups > 1
                  and l.groups == l.in_channels == l.out_channels}
@@ -218,7 +210,7 @@ def find_channel_groups(handle) -> List[ChannelGroup]:
 
     producers: List[Tuple[Optional[str], int]] = [(None, int(handle.input_shape[-3]))]
     producers += [(l.name, l.out_channels) for l in layers]
-    results = _probe_all(lambda perturb, rows: mod.probe_channels(handle, perturb, rows), producers)
+    results = _probe_all(lambda perturb, rows: backend.probe_channels(handle, perturb, rows), producers)
 
     uf = _UnionFind()
     size: Dict[str, int] = {}
@@ -361,8 +353,8 @@ def layer_slices(groups: Sequence[ChannelGroup], keep: Dict[str, np.ndarray]):
 
 
 def compact(handle, keep: Dict[str, Sequence[int]]):
-    """Backend-neutral entry point: ``backends.<fw>.compact`` for the handle's backend."""
-    return backend_module(handle, "compact").compact(handle, keep)
+    """Backend-neutral entry point: the ``compact`` of the handle's backend."""
+    return backend_of(handle).compact(handle, keep)
 
 
 def compact_with_plan(handle, plan):
