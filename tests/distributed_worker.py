@@ -60,7 +60,7 @@ def train(backend, algorithm_name: str, batches, trainer_cls) -> dict:
     guard = getattr(trainer.session, "guard", None)
     out = {f"w/{k}": v for k, v in handle.state_numpy().items()}
     out.update({f"mask/{k}": v for k, v in algorithm.plan().masks.items()})
-    out.update({f"rank/{k}": np.array(v) for k, v in getattr(algorithm, "ranks", {}).items()})
+    out.update({f"rank/{k}": np.array(v) for k, v in (algorithm.ranks or {}).items()})
     out["mask_syncs"] = np.array(guard.mask_syncs if guard else 0)
     out["mismatched_entries"] = np.array(guard.mismatched_entries if guard else 0)
     return out

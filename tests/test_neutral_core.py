@@ -224,3 +224,53 @@ def test_name_checker_catches_framework_names():
     ''')
     lines = sorted({line for line, _ in _framework_names(source)})
     assert lines == [3, 4, 5, 6, 8, 9, 10, 11, 13]
+
+
+#: the neutral layers, bottom up; a module may import its own layer and those below it
+LAYERS = ("contract", "decisions", "algorithms", "app")
+#: imports allowed upward, with the reason (the ``conformance`` command is part of the CLI)
+UPWARD_ALLOWED = {("app", "conformance")}
+
+
+def _layer_violations(path: str, layer: str):
+    """Imports of ``prunekit.<higher layer>`` in a file of ``layer`` (docs/ARCHITECTURE.md)."""
+    tree = ast.parse(open(path, encoding="utf-8").read(), filename=path)
+    rank = {name: i for i, name in enumerate(LAYERS)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            modules = [node.module]
+        elif isinstance(node, ast.Import):
+            modules = [a.name for a in node.names]
+        else:
+            continue
+        for module in modules:
+            parts = module.split(".")
+            if parts[0] != "prunekit" or len(parts) < 2 or parts[1] == "errors":
+                continue
+            target = parts[1]
+            if (layer, target) in UPWARD_ALLOWED:
+                continue
+            if target not in rank or rank[target] > rank[layer]:
+                found.append(f"{os.path.relpath(path, ROOT)}:{node.lineno} imports {module}")
+    return found
+
+
+def test_layers_import_only_downward():
+    violations = []
+    for layer in LAYERS:
+        for dirpath, _, filenames in os.walk(os.path.join(PACKAGE_DIR, layer)):
+            for f in filenames:
+                if f.endswith(".py"):
+                    violations += _layer_violations(os.path.join(dirpath, f), layer)
+    assert not violations, "upward imports: " + "; ".join(violations)
+    # the top-level package holds only the layers, the exceptions and the entry points
+    top = sorted(f for f in os.listdir(PACKAGE_DIR) if f.endswith(".py"))
+    assert top == ["__init__.py", "__main__.py", "errors.py"], top
+
+
+def test_layer_checker_catches_an_upward_import(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from prunekit.app.job import run\nfrom prunekit.contract.ops import Ops\n")
+    assert len(_layer_violations(str(bad), "decisions")) == 1
+    assert _layer_violations(str(bad), "app") == []
