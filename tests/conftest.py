@@ -81,3 +81,52 @@ def trained_state():
     if not os.path.exists(TRAINED_WEIGHTS):
         pytest.fail(f"trained weights missing: {TRAINED_WEIGHTS}")
     return dict(np.load(TRAINED_WEIGHTS))
+
+
+#: ``<backend>.txt``: what is known not to work on that backend (see :func:`read_xfails`)
+XFAILS_DIR = os.path.join(ROOT, "tests", "xfails")
+
+
+def read_xfails(path: str) -> dict:
+    """``{entry: reason}`` from one xfails file. Each line is a test id (``tests/x.py::test_y``,
+    with or without its ``[parameters]``) or a conformance case name, then ``#`` and the reason;
+    lines that start with ``#`` are comments."""
+    entries = {}
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            entry, _, reason = (part.strip() for part in line.partition("#"))
+            if entry and not reason:
+                raise pytest.UsageError(f"{path}:{number}: {entry!r} has no reason ('# why' after it)")
+            if entry:
+                entries[entry] = reason
+    return entries
+
+
+def _xfail_keys(item, backend: str):
+    """The entries of ``<backend>.txt`` that name ``item``: its full id; its id without the
+    parameters where it runs on ``backend``; the conformance case it runs."""
+    yield item.nodeid
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if backend in [v for v in params.values() if isinstance(v, str)]:
+        yield item.nodeid.split("[", 1)[0]
+    if "case_name" in params:
+        yield params["case_name"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Known-unsupported tests, listed per backend in ``tests/xfails/<backend>.txt``, are marked
+    ``xfail(strict=True)`` with the listed reason: they must fail (a pass means the entry is
+    stale and fails the run), and no test skips them itself."""
+    if not os.path.isdir(XFAILS_DIR):
+        return
+    for name in sorted(os.listdir(XFAILS_DIR)):
+        backend, ext = os.path.splitext(name)
+        if ext != ".txt":
+            continue
+        if backend not in backend_names():
+            raise pytest.UsageError(f"{os.path.join(XFAILS_DIR, name)}: no backend named {backend!r}")
+        entries = read_xfails(os.path.join(XFAILS_DIR, name))
+        for item in items:
+            reason = next((entries[k] for k in _xfail_keys(item, backend) if k in entries), None)
+            if reason is not None:
+                item.add_marker(pytest.mark.xfail(strict=True, reason=f"known unsupported on {backend}: {reason}"))
