@@ -10,8 +10,9 @@ checkpoint never runs code. The tree, written by :mod:`prunekit.app.job`, holds
   result (:func:`run_fingerprint`), compared with the resuming run's before anything is loaded;
 * ``position``: global step, phase, epoch and batch index within the epoch;
 * ``model`` (weights and BN statistics by shared name), ``optimizer`` and ``rng`` (captured by
-  the backend's ``checkpoint.py``), ``algorithm`` (``Algorithm.state_dict()``) and ``run``
-  (accuracies so far, the measured trajectory, seconds spent).
+  the backend's ``capture_training_state`` and ``rng_state``), ``algorithm``
+  (``Algorithm.state_dict()``) and ``run`` (accuracies so far, the measured trajectory, seconds
+  spent).
 
 Writes are atomic: the new checkpoint goes to a temporary file in the same folder, is flushed to
 disk, the current one is hard-linked to ``previous.npz`` (the last good one, kept), and the new
@@ -245,7 +246,7 @@ def describe(state: dict) -> str:
 # ---------------------------------------------------------------------------- host generators
 def host_rng_state() -> dict:
     """NumPy's global generator and Python's ``random`` (the framework's: the backend's
-    ``checkpoint.rng_state``)."""
+    ``rng_state``)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss = random.getstate()
     return {"numpy": {"name": name, "keys": np.asarray(keys), "pos": int(pos), "has_gauss": int(has_gauss),
