@@ -1,6 +1,6 @@
 """Prune inside PyTorch Lightning with one callback, then export the pruned model to ONNX.
 
-``prunekit.backends.torch.lightning.PruningCallback`` drives any prunekit algorithm from Lightning's
+``prunekit.backends.torch.integrations.PruningCallback`` drives any prunekit algorithm from Lightning's
 hooks; the LightningModule, optimizer and data loader are yours. Here: ResNet-20 on a CIFAR-10
 subset, RPG (rank-based adversarial pruning) at 80 % with its ``release`` semantics (which
 skips the optimizer step before each mask update: the callback handles that too), then the
@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lightning.pytorch as pl  # noqa: E402
 
 from prunekit.backends.torch.export import export_onnx  # noqa: E402
-from prunekit.backends.torch.lightning import PruningCallback  # noqa: E402
+from prunekit.backends.torch.integrations import PruningCallback  # noqa: E402
 from prunekit.backends.torch.models import build_model  # noqa: E402
 from prunekit.app import data  # noqa: E402
 from prunekit.algorithms import make_algorithm  # noqa: E402

@@ -63,7 +63,7 @@ def _lightning_fit(batches, algorithm):
     import torch.nn.functional as F
 
     import prunekit.backends.torch as bt
-    from prunekit.backends.torch.lightning import PruningCallback
+    from prunekit.backends.torch.integrations import PruningCallback
 
     class Classifier(pl.LightningModule):
         def __init__(self, net):
@@ -151,7 +151,7 @@ def test_lightning_callback_rejects_bad_setup(cifar_batches):
     import torch
 
     import prunekit.backends.torch as bt
-    from prunekit.backends.torch.lightning import PruningCallback
+    from prunekit.backends.torch.integrations import PruningCallback
     from prunekit.errors import ConfigError
 
     with pytest.raises(ConfigError, match="prunekit algorithm"):

@@ -10,7 +10,8 @@ import mindspore.ops as msops  # noqa: E402
 
 from prunekit.backends.mindspore import (PruningCallback, PruningSession, PruningTrainOneStepCell, Trainer,  # noqa: E402
                                 make_optimizer, model_handle)
-from prunekit.backends.mindspore.driver import Adam, optimizer_state_by_layer  # noqa: E402
+from prunekit.backends.mindspore.driver import optimizer_state_by_layer  # noqa: E402
+from prunekit.backends.mindspore.optimizers import Adam  # noqa: E402
 from prunekit.backends.mindspore.layers import MindSporeModelHandle, conv_padding, discover_layers  # noqa: E402
 from prunekit.backends.mindspore.models import build_model  # noqa: E402
 from prunekit.backends.mindspore.ops import MindSporeOps, check_device  # noqa: E402

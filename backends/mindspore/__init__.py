@@ -9,8 +9,9 @@ from .runtime import configure_process
 
 configure_process()
 
-from .driver import (Adam, PruningCallback, PruningSession, PruningTrainOneStepCell, Trainer,  # noqa: E402
-                     make_optimizer)
+from .driver import PruningSession, Trainer  # noqa: E402
+from .integrations import PruningCallback, PruningTrainOneStepCell  # noqa: E402
+from .optimizers import Adam, make_optimizer  # noqa: E402
 from .layers import MindSporeModelHandle, discover_layers  # noqa: E402
 from .compact import compact  # noqa: E402
 from .timing import time_inference  # noqa: E402

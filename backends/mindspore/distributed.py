@@ -31,8 +31,9 @@ import mindspore as ms
 import mindspore.nn as nn
 import mindspore.ops as msops
 
-from prunekit.app.distributed import (Communicator, ConsistencyGuard, CountingBatches,
-                                  average_running_stats, broadcast_state, combine_evaluation, set_world, shard, shard_batches, world)
+from prunekit.app.distributed import (Communicator, CountingBatches, average_running_stats,
+                                      combine_evaluation, set_world, shard, shard_batches, world)
+from prunekit.app.session import DataParallelSession
 from prunekit.errors import ConfigError
 
 from .backend import MS_ROLES
@@ -91,36 +92,21 @@ def init_distributed(device: Optional[str] = None) -> MindSporeCommunicator:
     return comm
 
 
-class DistributedSession(PruningSession):
-    """A :class:`PruningSession` for data-parallel runs: averages the gradients over ranks before
-    the algorithm sees them, starts every rank from rank 0's weights, keeps the masks identical."""
+class DistributedSession(DataParallelSession, PruningSession):
+    """A :class:`PruningSession` for data-parallel runs (:class:`~prunekit.app.session.DataParallelSession`)
+    that averages the gradients over ranks before the algorithm sees them."""
 
     def __init__(self, handle, algorithm, optimizer, total_steps: int, on_mismatch: str = "adopt"):
-        self.comm = world()
-        broadcast_state(self.comm, handle)
-        super().__init__(handle, algorithm, optimizer, total_steps)
+        super().__init__(handle, algorithm, optimizer, total_steps, on_mismatch)
         self.reducer = (nn.DistributedGradReducer(optimizer.parameters, mean=True, degree=self.comm.size)
                         if self.comm.size > 1 else None)
         #: average in transform_gradients (a custom loop); the Trainer averages right after backward
         self.reduce_gradients = self.reducer is not None
-        self.guard = ConsistencyGuard(self.comm, algorithm, on_mismatch)
-
-    def before_step(self) -> None:
-        super().before_step()
-        if self.guard.check():
-            self._sync_optimizer_state()
 
     def transform_gradients(self, grads):
         if self.reduce_gradients:
             grads = self.reducer(tuple(grads))
         return super().transform_gradients(grads)
-
-    def finish(self) -> None:
-        super().finish()
-        if self.guard.check():
-            self._sync_optimizer_state()
-        average_running_stats(self.comm, self.handle)
-        self.guard.check_final(self.handle)
 
 
 class DistributedTrainer(Trainer):

@@ -10,6 +10,8 @@ helpers do the same arithmetic inside one ``mindspore.jit`` call each:
   masking of the weights after it as one compiled graph: ``g ← (g + term) · mask``,
   ``optimizer(g)``, ``w ← w · mask``. The same values as the generic path (``g·mask + term·mask``
   with a 0/1 mask is exactly ``(g + term)·mask``).
+* :func:`mul_all_` — ``p *= m`` for several Parameters in one compiled call (the session's
+  weight masking: on CPU about 30x faster than one eager multiply-and-copy per layer).
 * :func:`assign_many` — several Parameters overwritten in one compiled call (TRP's projection,
   through :meth:`MindSporeModelHandle.set_weights`).
 
@@ -21,6 +23,19 @@ from typing import Dict, Sequence, Tuple
 
 import mindspore as ms
 from mindspore import ops as msops
+
+
+@ms.jit
+def _mul_all(params, masks):
+    for p, m in zip(params, masks):
+        msops.assign(p, p * m)
+    return True
+
+
+def mul_all_(params: Sequence[ms.Parameter], masks: Sequence[ms.Tensor]) -> None:
+    """``p *= m`` for every pair, in place, as one compiled call."""
+    if params:
+        _mul_all(ms.mutable(tuple(params)), ms.mutable(tuple(masks)))
 
 
 @ms.jit
@@ -85,10 +100,10 @@ class FusedUpdate:
         s = self.session
         algo, step = s.algorithm, s.step
         index = s._grad_index
-        if algo is None or "transform_gradients" in vars(algo) or algo.needs_dense_gradients(step) \
-                or not algo.should_step_optimizer(step) or any(n not in index for n in algo.masks):
+        if algo is None or algo.needs_dense_gradients(step) or not algo.should_step_optimizer(step) \
+                or any(n not in index for n in algo.masks):
             return False
-        terms = algo.gradient_terms(step)
+        terms = s.additive_terms()
         if terms is None:
             return False
         term_items = sorted(((index[n], t) for n, t in terms.items() if n in index), key=lambda p: p[0])

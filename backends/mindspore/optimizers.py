@@ -1,5 +1,7 @@
-"""Framework-native optimizers for MindSpore loops, running prunekit's neutral update math.
+"""Optimizers for MindSpore loops: the training driver's, and those running prunekit's neutral update math.
 
+:func:`make_optimizer` builds the optimizer of :class:`~.driver.Trainer` ("sgd": ``nn.SGD``;
+"adam": :class:`Adam`, ``torch.optim.Adam`` exactly), both with ``torch.optim`` semantics.
 :class:`SDPrun` is an ``nn.Optimizer`` for the functional ``value_and_grad`` loop (PyNative):
 gRDA with group soft-thresholding over filters (sDprun, :mod:`prunekit.algorithms.sdprun`) for
 the parameters in ``grda``, plain SGD (same learning rate, no momentum) for the others; each
@@ -25,11 +27,65 @@ import mindspore.ops as msops
 
 from prunekit.algorithms.sdprun import (COUPLINGS, SDPrunConfig, accumulate, group_soft_threshold, LambdaSchedule,
                                         managed_units)
+from prunekit.app.session import optimizer_key
 from prunekit.errors import ConfigError
 from prunekit.decisions.spectrum import rank_ops
 
 from .layers import write_
 from .ops import MindSporeOps
+
+
+class Adam(nn.Optimizer):
+    """``torch.optim.Adam`` exactly: L2 weight decay added to the gradient, bias-corrected
+    moments, eps added to ``sqrt(v_hat)``. (``nn.Adam`` adds eps to ``sqrt(v)`` before the bias
+    correction, which differs where gradients are tiny.) State: ``moment1``, ``moment2``."""
+
+    def __init__(self, params, learning_rate=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+        super().__init__(learning_rate, params)
+        if weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        self.beta1, self.beta2, self.eps, self.wd = float(beta1), float(beta2), float(eps), float(weight_decay)
+        self.moment1 = self._parameters.clone(prefix="moment1", init="zeros")
+        self.moment2 = self._parameters.clone(prefix="moment2", init="zeros")
+        self.beta1_power = ms.Parameter(ms.Tensor(1.0, ms.float32), name="beta1_power")
+        self.beta2_power = ms.Parameter(ms.Tensor(1.0, ms.float32), name="beta2_power")
+
+    @ms.jit  # compiled once even when called eagerly: the per-parameter loop is ~70 small ops
+    def construct(self, gradients):
+        lr = self.get_lr()
+        b1p = self.beta1_power * self.beta1
+        b2p = self.beta2_power * self.beta2
+        msops.assign(self.beta1_power, b1p)
+        msops.assign(self.beta2_power, b2p)
+        step_size = lr / (1.0 - b1p)
+        bias2_sqrt = msops.sqrt(1.0 - b2p)
+        for p, m, v, g in zip(self._parameters, self.moment1, self.moment2, gradients):
+            if self.wd > 0.0:
+                g = g + self.wd * p
+            m_new = self.beta1 * m + (1.0 - self.beta1) * g
+            v_new = self.beta2 * v + (1.0 - self.beta2) * g * g
+            msops.assign(m, m_new)
+            msops.assign(v, v_new)
+            msops.assign(p, p - step_size * m_new / (msops.sqrt(v_new) / bias2_sqrt + self.eps))
+        return True
+
+
+def make_optimizer(model: nn.Cell, name: str = "sgd", lr: float = 0.1, momentum: float = 0.9,
+                   weight_decay: float = 5e-4, nesterov: bool = False) -> nn.Optimizer:
+    """SGD or Adam with ``torch.optim`` semantics (weight decay on every parameter, BN included).
+
+    "sgd" is ``nn.SGD`` (dampening 0): weight decay is added to the gradient before the momentum
+    (``accum = momentum * accum + g``, first step ``accum = g``), as torch's SGD, Nesterov
+    included. (``nn.Momentum`` would match without Nesterov, but its CPU kernel ignores
+    ``use_nesterov`` in MindSpore 2.10.) A parameter group carries the weight decay so that it
+    also applies to BN's gamma/beta, which MindSpore's ungrouped default would skip.
+    """
+    key = optimizer_key(name)
+    params = model.trainable_params()
+    if key == "sgd":
+        return nn.SGD([{"params": params, "weight_decay": float(weight_decay)}], learning_rate=float(lr),
+                      momentum=float(momentum), dampening=0.0, nesterov=bool(nesterov and momentum > 0))
+    return Adam(params, learning_rate=float(lr), weight_decay=float(weight_decay))
 
 
 @ms.jit

@@ -7,7 +7,8 @@ from .runtime import configure_process
 
 configure_process()
 
-from .driver import PruningSession, Trainer, make_optimizer  # noqa: E402
+from .driver import PruningSession, Trainer  # noqa: E402
+from .optimizers import make_optimizer  # noqa: E402
 from .layers import TorchModelHandle, discover_layers  # noqa: E402
 from .compact import compact  # noqa: E402
 from .timing import time_inference  # noqa: E402

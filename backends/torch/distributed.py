@@ -30,8 +30,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from prunekit.app.distributed import (Communicator, ConsistencyGuard, average_running_stats, broadcast_state,
-                                  CountingBatches, combine_evaluation, set_world, shard, shard_batches, world)
+from prunekit.app.distributed import (Communicator, average_running_stats, CountingBatches, combine_evaluation,
+                                      set_world, shard, shard_batches, world)
+from prunekit.app.session import DataParallelSession
 from prunekit.errors import ConfigError
 
 from .driver import PruningSession, Trainer
@@ -82,27 +83,9 @@ def init_distributed(device: Optional[str] = None) -> TorchCommunicator:
     return comm
 
 
-class DistributedSession(PruningSession):
-    """A :class:`PruningSession` for data-parallel runs: the gradients it is given are already
-    averaged (DDP); it starts every rank from rank 0's weights and keeps the masks identical."""
-
-    def __init__(self, handle, algorithm, optimizer, total_steps: int, on_mismatch: str = "adopt"):
-        self.comm = world()
-        broadcast_state(self.comm, handle)
-        super().__init__(handle, algorithm, optimizer, total_steps)
-        self.guard = ConsistencyGuard(self.comm, algorithm, on_mismatch)
-
-    def before_step(self) -> None:
-        super().before_step()
-        if self.guard.check():
-            self._sync_optimizer_state()
-
-    def finish(self) -> None:
-        super().finish()
-        if self.guard.check():
-            self._sync_optimizer_state()
-        average_running_stats(self.comm, self.handle)
-        self.guard.check_final(self.handle)
+class DistributedSession(DataParallelSession, PruningSession):
+    """A :class:`PruningSession` for data-parallel runs (:class:`~prunekit.app.session.DataParallelSession`):
+    the gradients it is given are already averaged (DDP)."""
 
 
 class DistributedTrainer(Trainer):

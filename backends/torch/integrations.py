@@ -1,5 +1,8 @@
-"""Prune inside PyTorch Lightning: a ``lightning.pytorch.Callback`` that drives a
-:class:`~prunekit.backends.torch.driver.PruningSession` (any prunekit algorithm) from Lightning's hooks::
+"""Prune inside PyTorch Lightning: the framework integrations of a
+:class:`~prunekit.backends.torch.driver.PruningSession` (the MindSpore twin,
+``backends/mindspore/integrations.py``, holds ``Model.train``'s callback and train cell).
+
+A ``lightning.pytorch.Callback`` drives the session (any prunekit algorithm) from Lightning's hooks::
 
     callback = PruningCallback(make_algorithm("magnitude", sparsity=0.9), module="net")
     lightning.Trainer(max_steps=1000, callbacks=[callback]).fit(lit_module, loader)

@@ -1,5 +1,6 @@
-"""Framework-native optimizers for PyTorch loops, running prunekit's neutral update math.
+"""Optimizers for PyTorch loops: the training driver's, and those running prunekit's neutral update math.
 
+:func:`make_optimizer` builds the optimizer of :class:`~.driver.Trainer` ("sgd" or "adam").
 :class:`SDPrun` is a ``torch.optim.Optimizer``: gRDA with group soft-thresholding over filters
 (sDprun, :mod:`prunekit.algorithms.sdprun`) for the parameters of param groups with
 ``grda=True``, plain SGD (same learning rate, no momentum) for the others. A param group with
@@ -20,9 +21,18 @@ import torch
 
 from prunekit.algorithms.sdprun import (COUPLINGS, SDPrunConfig, accumulate, group_soft_threshold, lambda_increment,
                                         managed_units)
+from prunekit.app.session import optimizer_key
 from prunekit.errors import ConfigError
 
 from .ops import TorchOps
+
+
+def make_optimizer(model: torch.nn.Module, name: str = "sgd", lr: float = 0.1, momentum: float = 0.9,
+                   weight_decay: float = 5e-4, nesterov: bool = False) -> torch.optim.Optimizer:
+    if optimizer_key(name) == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
+                               nesterov=nesterov and momentum > 0)
+    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
 
 
 class SDPrun(torch.optim.Optimizer):
