@@ -1,4 +1,5 @@
-"""Reference models in MindSpore: twins of ``backends/torch/models.py``, layer for layer.
+"""Reference models in MindSpore: twins of ``backends/torch/models.py``, layer for layer, built
+from the architecture tables of :mod:`prunekit.contract.reference_models`.
 
 Cells are assigned in the same order and under the same attribute names as the PyTorch
 modules, and ``nn.SequentialCell`` numbers its children "0", "1", ... as ``nn.Sequential`` does,
@@ -22,7 +23,9 @@ from __future__ import annotations
 import mindspore.nn as nn
 import mindspore.ops as ops
 
-from prunekit.contract.reference_models import check_model_name
+from prunekit.contract.reference_models import (MBV2_HEAD, MBV2_STEM, MNIST_CONVS, MNIST_FEATURES, MNIST_HIDDEN,
+                                                MNIST_KERNEL, VGG_CFG, build_reference, mobilenetv2_blocks,
+                                                resnet_stages)
 
 __all__ = ["build_model", "CifarResNet", "VGG", "MobileNetV2", "MnistCNN"]
 
@@ -85,24 +88,16 @@ class BasicBlock(nn.Cell):
 
 
 class CifarResNet(nn.Cell):
-    """He et al.'s CIFAR ResNet (6n+2 layers, option-A shortcuts); ``width`` scales channels."""
+    """Twin of the PyTorch ``CifarResNet``."""
 
     def __init__(self, depth=20, num_classes=10, in_channels=3, width=1):
         super().__init__()
-        n = (depth - 2) // 6
-        w = [16 * width, 32 * width, 64 * width]
-        self.conv1 = conv2d(in_channels, w[0], 3, 1, 1)
-        self.bn1 = batch_norm(w[0])
-        planes = w[0]
-        stages = []
-        for i, out in enumerate(w):
-            blocks = []
-            for j in range(n):
-                blocks.append(BasicBlock(planes, out, 2 if (j == 0 and i > 0) else 1))
-                planes = out
-            stages.append(nn.SequentialCell(blocks))
-        self.layer1, self.layer2, self.layer3 = stages
-        self.fc = nn.Dense(w[2], num_classes)
+        stages = resnet_stages(depth, width)
+        stem = stages[0][0][0]
+        self.conv1 = conv2d(in_channels, stem, 3, 1, 1)
+        self.bn1 = batch_norm(stem)
+        self.layer1, self.layer2, self.layer3 = [nn.SequentialCell([BasicBlock(*b) for b in stage]) for stage in stages]
+        self.fc = nn.Dense(stages[-1][-1][1], num_classes)
 
     def construct(self, x):
         x = ops.relu(self.bn1(self.conv1(x)))
@@ -110,14 +105,8 @@ class CifarResNet(nn.Cell):
         return self.fc(global_avg_flatten(x))
 
 
-VGG_CFG = {
-    16: [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
-    19: [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
-}
-
-
 class VGG(nn.Cell):
-    """VGG with BatchNorm for 32x32 input: ``features.{i}`` as torchvision, one linear classifier."""
+    """Twin of the PyTorch ``VGG``."""
 
     def __init__(self, depth=16, num_classes=10, in_channels=3):
         super().__init__()
@@ -161,25 +150,18 @@ class InvertedResidual(nn.Cell):
         return out
 
 
-MBV2_CFG = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
-
-
 class MobileNetV2(nn.Cell):
-    """MobileNetV2 for 32x32 input (stem stride 1, second stage stride 1)."""
+    """Twin of the PyTorch ``MobileNetV2``."""
 
     def __init__(self, num_classes=10, in_channels=3):
         super().__init__()
-        self.conv1 = conv2d(in_channels, 32, 3, 1, 1)
-        self.bn1 = batch_norm(32)
-        blocks, c = [], 32
-        for expansion, out, n, stride in MBV2_CFG:
-            for j in range(n):
-                blocks.append(InvertedResidual(c, out, expansion, stride if j == 0 else 1))
-                c = out
-        self.layers = nn.SequentialCell(blocks)
-        self.conv2 = conv2d(c, 1280, 1, 1, 0)
-        self.bn2 = batch_norm(1280)
-        self.fc = nn.Dense(1280, num_classes)
+        blocks = mobilenetv2_blocks()
+        self.conv1 = conv2d(in_channels, MBV2_STEM, 3, 1, 1)
+        self.bn1 = batch_norm(MBV2_STEM)
+        self.layers = nn.SequentialCell([InvertedResidual(*b) for b in blocks])
+        self.conv2 = conv2d(blocks[-1][1], MBV2_HEAD, 1, 1, 0)
+        self.bn2 = batch_norm(MBV2_HEAD)
+        self.fc = nn.Dense(MBV2_HEAD, num_classes)
 
     def construct(self, x):
         x = ops.relu(self.bn1(self.conv1(x)))
@@ -188,14 +170,16 @@ class MobileNetV2(nn.Cell):
 
 
 class MnistCNN(nn.Cell):
-    """Two 5x5 convs (with bias) and two linear layers, for 28x28 input."""
+    """Twin of the PyTorch ``MnistCNN``."""
 
     def __init__(self, num_classes=10, in_channels=1):
         super().__init__()
-        self.conv1 = conv2d(in_channels, 32, 5, 1, 2, bias=True)
-        self.conv2 = conv2d(32, 64, 5, 1, 2, bias=True)
-        self.fc1 = nn.Dense(64 * 7 * 7, 128)
-        self.fc2 = nn.Dense(128, num_classes)
+        c1, c2 = MNIST_CONVS
+        pad = MNIST_KERNEL // 2
+        self.conv1 = conv2d(in_channels, c1, MNIST_KERNEL, 1, pad, bias=True)
+        self.conv2 = conv2d(c1, c2, MNIST_KERNEL, 1, pad, bias=True)
+        self.fc1 = nn.Dense(MNIST_FEATURES, MNIST_HIDDEN)
+        self.fc2 = nn.Dense(MNIST_HIDDEN, num_classes)
         self.pool = nn.MaxPool2d(2, 2)
 
     def construct(self, x):
@@ -207,11 +191,7 @@ class MnistCNN(nn.Cell):
 
 def build_model(name: str, num_classes: int = 10, in_channels: int = 3, width: int = 1) -> nn.Cell:
     """Build a reference model (framework default init; see ``layers.initialize`` for the shared one)."""
-    key = check_model_name(name)
-    if key.startswith("resnet"):
-        return CifarResNet(int(key[6:]), num_classes, in_channels, width)
-    if key.startswith("vgg"):
-        return VGG(int(key[3:]), num_classes, in_channels)
-    if key == "mobilenetv2":
-        return MobileNetV2(num_classes, in_channels)
-    return MnistCNN(num_classes, in_channels)
+    return build_reference(name, ARCHITECTURES, num_classes, in_channels, width)
+
+
+ARCHITECTURES = {"resnet": CifarResNet, "vgg": VGG, "mobilenetv2": MobileNetV2, "mnist_cnn": MnistCNN}

@@ -1,4 +1,5 @@
-"""Reference models in PyTorch. Their twins with identical parameter names live in
+"""Reference models in PyTorch, built from the architecture tables of
+:mod:`prunekit.contract.reference_models`. Their twins with identical parameter names live in
 ``backends/mindspore/models.py``; weights move between them through NumPy state dicts.
 """
 from __future__ import annotations
@@ -7,7 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prunekit.contract.reference_models import check_model_name
+from prunekit.contract.reference_models import (MBV2_HEAD, MBV2_STEM, MNIST_CONVS, MNIST_FEATURES, MNIST_HIDDEN,
+                                                MNIST_KERNEL, VGG_CFG, build_reference, mobilenetv2_blocks,
+                                                resnet_stages)
 
 __all__ = ["build_model", "CifarResNet", "VGG", "MobileNetV2", "MnistCNN"]
 
@@ -39,32 +42,18 @@ class CifarResNet(nn.Module):
 
     def __init__(self, depth=20, num_classes=10, in_channels=3, width=1):
         super().__init__()
-        n = (depth - 2) // 6
-        w = [16 * width, 32 * width, 64 * width]
-        self.conv1 = nn.Conv2d(in_channels, w[0], 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(w[0])
-        planes = w[0]
-        stages = []
-        for i, out in enumerate(w):
-            blocks = []
-            for j in range(n):
-                blocks.append(BasicBlock(planes, out, 2 if (j == 0 and i > 0) else 1))
-                planes = out
-            stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = stages
-        self.fc = nn.Linear(w[2], num_classes)
+        stages = resnet_stages(depth, width)
+        stem = stages[0][0][0]
+        self.conv1 = nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        self.layer1, self.layer2, self.layer3 = [nn.Sequential(*(BasicBlock(*b) for b in stage)) for stage in stages]
+        self.fc = nn.Linear(stages[-1][-1][1], num_classes)
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         return self.fc(x)
-
-
-VGG_CFG = {
-    16: [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
-    19: [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
-}
 
 
 class VGG(nn.Module):
@@ -110,25 +99,18 @@ class InvertedResidual(nn.Module):
         return out + self.shortcut(x) if self.has_residual else out
 
 
-MBV2_CFG = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
-
-
 class MobileNetV2(nn.Module):
     """MobileNetV2 for 32x32 input (stem stride 1, second stage stride 1)."""
 
     def __init__(self, num_classes=10, in_channels=3):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 32, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(32)
-        blocks, c = [], 32
-        for expansion, out, n, stride in MBV2_CFG:
-            for j in range(n):
-                blocks.append(InvertedResidual(c, out, expansion, stride if j == 0 else 1))
-                c = out
-        self.layers = nn.Sequential(*blocks)
-        self.conv2 = nn.Conv2d(c, 1280, 1, 1, 0, bias=False)
-        self.bn2 = nn.BatchNorm2d(1280)
-        self.fc = nn.Linear(1280, num_classes)
+        blocks = mobilenetv2_blocks()
+        self.conv1 = nn.Conv2d(in_channels, MBV2_STEM, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(MBV2_STEM)
+        self.layers = nn.Sequential(*(InvertedResidual(*b) for b in blocks))
+        self.conv2 = nn.Conv2d(blocks[-1][1], MBV2_HEAD, 1, 1, 0, bias=False)
+        self.bn2 = nn.BatchNorm2d(MBV2_HEAD)
+        self.fc = nn.Linear(MBV2_HEAD, num_classes)
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))
@@ -142,10 +124,12 @@ class MnistCNN(nn.Module):
 
     def __init__(self, num_classes=10, in_channels=1):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 32, 5, 1, 2)
-        self.conv2 = nn.Conv2d(32, 64, 5, 1, 2)
-        self.fc1 = nn.Linear(64 * 7 * 7, 128)
-        self.fc2 = nn.Linear(128, num_classes)
+        c1, c2 = MNIST_CONVS
+        pad = MNIST_KERNEL // 2
+        self.conv1 = nn.Conv2d(in_channels, c1, MNIST_KERNEL, 1, pad)
+        self.conv2 = nn.Conv2d(c1, c2, MNIST_KERNEL, 1, pad)
+        self.fc1 = nn.Linear(MNIST_FEATURES, MNIST_HIDDEN)
+        self.fc2 = nn.Linear(MNIST_HIDDEN, num_classes)
 
     def forward(self, x):
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)
@@ -156,11 +140,7 @@ class MnistCNN(nn.Module):
 
 def build_model(name: str, num_classes: int = 10, in_channels: int = 3, width: int = 1) -> nn.Module:
     """Build a reference model (framework default init; see ``layers.initialize`` for the shared one)."""
-    key = check_model_name(name)
-    if key.startswith("resnet"):
-        return CifarResNet(int(key[6:]), num_classes, in_channels, width)
-    if key.startswith("vgg"):
-        return VGG(int(key[3:]), num_classes, in_channels)
-    if key == "mobilenetv2":
-        return MobileNetV2(num_classes, in_channels)
-    return MnistCNN(num_classes, in_channels)
+    return build_reference(name, ARCHITECTURES, num_classes, in_channels, width)
+
+
+ARCHITECTURES = {"resnet": CifarResNet, "vgg": VGG, "mobilenetv2": MobileNetV2, "mnist_cnn": MnistCNN}

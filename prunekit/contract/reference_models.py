@@ -1,14 +1,17 @@
-"""Reference model catalogue and the shared, framework-independent weight initialisation.
+"""Reference model catalogue, the architectures' tables, and the shared, framework-independent
+weight initialisation.
 
-Each backend defines the same architectures in ``backends/<name>/models.py`` under one
-parameter-naming scheme (PyTorch's). Initial weights are drawn here, in NumPy, from a seed and
-the parameter name, so a model built with the same seed is identical on every backend: the
-conformance suite and cross-framework comparisons start from the same point.
+The layer configurations of the reference models (ResNet stages, VGG and MobileNetV2 tables,
+the MNIST CNN's widths) are data here; each backend's ``backends/<name>/models.py`` only builds
+those layers in its framework, under one parameter-naming scheme (PyTorch's), and
+:func:`build_reference` picks the architecture for a model name. Initial weights are drawn here,
+in NumPy, from a seed and the parameter name, so a model built with the same seed is identical
+on every backend: the conformance suite and cross-framework comparisons start from the same point.
 """
 from __future__ import annotations
 
 import zlib
-from typing import Dict, Tuple
+from typing import Callable, Dict, List, Mapping, Tuple
 
 import numpy as np
 
@@ -33,6 +36,63 @@ def check_model_name(name: str) -> str:
     if key not in MODELS:
         raise ConfigError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
     return key
+
+
+# ---------------------------------------------------------------------------- architectures
+#: VGG with BatchNorm: each number a 3x3 conv (padding 1, no bias) + BN + ReLU, "M" a 2x2 max pool
+VGG_CFG = {
+    16: [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    19: [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
+}
+
+#: MobileNetV2 for 32x32 input: (expansion, output channels, blocks, stride of the first block)
+MBV2_CFG = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+#: MobileNetV2's stem (3x3 conv, stride 1) and head (1x1 conv) widths
+MBV2_STEM, MBV2_HEAD = 32, 1280
+
+#: MNIST CNN: two 5x5 convs (padding 2, with bias), each followed by ReLU and a 2x2 max pool
+#: (28x28 -> 7x7), then a hidden linear layer
+MNIST_CONVS, MNIST_KERNEL, MNIST_HIDDEN = (32, 64), 5, 128
+MNIST_FEATURES = MNIST_CONVS[-1] * 7 * 7
+
+
+def resnet_stages(depth: int, width: int = 1) -> List[List[Tuple[int, int, int]]]:
+    """``(in channels, out channels, stride)`` of every basic block of He et al.'s CIFAR ResNet
+    (6n+2 layers), stage by stage; the stem is a 3x3 conv to ``stages[0][0][0]`` channels. The
+    first block of stages 2 and 3 halves the resolution; ``width`` scales the channels."""
+    n = (depth - 2) // 6
+    planes = 16 * width
+    stages = []
+    for i, out in enumerate((16 * width, 32 * width, 64 * width)):
+        blocks = []
+        for j in range(n):
+            blocks.append((planes, out, 2 if (j == 0 and i > 0) else 1))
+            planes = out
+        stages.append(blocks)
+    return stages
+
+
+def mobilenetv2_blocks() -> List[Tuple[int, int, int, int]]:
+    """``(in channels, out channels, expansion, stride)`` of every inverted residual block."""
+    blocks, c = [], MBV2_STEM
+    for expansion, out, n, stride in MBV2_CFG:
+        for j in range(n):
+            blocks.append((c, out, expansion, stride if j == 0 else 1))
+            c = out
+    return blocks
+
+
+def build_reference(name: str, builders: Mapping[str, Callable], num_classes: int = 10, in_channels: int = 3,
+                    width: int = 1):
+    """The reference model ``name``, built by a backend's constructors: ``builders["resnet"](depth,
+    num_classes, in_channels, width)``, ``builders["vgg"](depth, num_classes, in_channels)``,
+    ``builders["mobilenetv2"]`` and ``builders["mnist_cnn"]`` ``(num_classes, in_channels)``."""
+    key = check_model_name(name)
+    if key.startswith("resnet"):
+        return builders["resnet"](int(key[6:]), num_classes, in_channels, width)
+    if key.startswith("vgg"):
+        return builders["vgg"](int(key[3:]), num_classes, in_channels)
+    return builders[key](num_classes, in_channels)
 
 
 def init_array(name: str, shape: Tuple[int, ...], seed: int, is_bn: bool) -> np.ndarray:
