@@ -13,11 +13,12 @@ keep working.
 Writes to a Parameter go through ``Tensor.copy_``, the cheapest eager in-place update measured
 in MindSpore 2.10 PyNative on CPU (about 0.2 ms for multiply-and-write of a 256x256x3x3 weight,
 against 0.8 ms with ``ops.assign`` and 1.7 ms with ``Parameter.set_data``); the training driver
-masks all layers at once in one compiled call instead (``driver.mask_parameters``).
+masks all layers at once in one compiled call instead (``fused.mul_all_``).
 ``Tensor.mul_`` must not be used: on a Parameter it silently leaves the Parameter unchanged.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -51,6 +52,23 @@ def _pair(v) -> Tuple[int, int]:
     return v[-2:] if len(v) >= 2 else (v[0], v[0])
 
 
+@contextmanager
+def probe_mode(model: nn.Cell):
+    """Eval mode in PyNative (switched to for the pass if the context is in graph mode) for a
+    probe pass; the train flag and the mode are restored after."""
+    graph = ms.get_context("mode") != ms.PYNATIVE_MODE
+    if graph:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+    was_training = model.training
+    try:
+        model.set_train(False)
+        yield
+    finally:
+        model.set_train(was_training)
+        if graph:
+            ms.set_context(mode=ms.GRAPH_MODE)
+
+
 def _probe(model: nn.Cell, input_shape: Sequence[int], cells) -> Dict[str, tuple]:
     seen: Dict[str, tuple] = {}
 
@@ -59,21 +77,14 @@ def _probe(model: nn.Cell, input_shape: Sequence[int], cells) -> Dict[str, tuple
             seen.setdefault(name, (_hw(inputs[0].shape), _hw(output.shape)))
         return hook
 
-    graph = ms.get_context("mode") != ms.PYNATIVE_MODE
-    if graph:
-        ms.set_context(mode=ms.PYNATIVE_MODE)
     handles = []
-    was_training = model.training
-    try:
-        handles = [c.register_forward_hook(recorder(n)) for n, c in cells]
-        model.set_train(False)
-        model(msops.zeros((1,) + tuple(int(d) for d in input_shape[-3:]), ms.float32))
-    finally:
-        for h in handles:
-            h.remove()
-        model.set_train(was_training)
-        if graph:
-            ms.set_context(mode=ms.GRAPH_MODE)
+    with probe_mode(model):
+        try:
+            handles = [c.register_forward_hook(recorder(n)) for n, c in cells]
+            model(msops.zeros((1,) + tuple(int(d) for d in input_shape[-3:]), ms.float32))
+        finally:
+            for h in handles:
+                h.remove()
     return seen
 
 

@@ -14,12 +14,10 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn as nn
 
-from prunekit.decisions.channel_groups import OUTPUT
+from prunekit.decisions.channel_groups import run_probe
 
-from .layers import _BN, PRUNABLE
-
+from .layers import _BN, PRUNABLE, probe_mode
 
 
 def norm_layers(handle) -> List[Tuple[str, int]]:
@@ -35,66 +33,27 @@ def _changed(x: torch.Tensor) -> np.ndarray:
 
 
 def probe_channels(handle, perturb: Dict[Optional[str], Tuple[int, np.ndarray]], rows: int) -> Dict[str, np.ndarray]:
-    """One probe forward of ``rows`` rows. ``perturb[layer] = (first row, codes)`` adds
-    ``codes`` (rows x channels) to that layer's (zeroed) output from ``first row`` on; the key
-    None perturbs the image. Returns ``{layer or BN name or OUTPUT: (rows, width) bool}``."""
+    """One probe forward of ``rows`` rows (the protocol: :func:`~prunekit.decisions.channel_groups.run_probe`).
+    ``perturb[layer] = (first row, codes)`` adds ``codes`` (rows x channels) to that layer's
+    (zeroed) output from ``first row`` on; the key None perturbs the image."""
     model = handle.model
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    seen: Dict[str, np.ndarray] = {}
 
-    def add_rows(out: torch.Tensor, name: Optional[str]) -> torch.Tensor:
-        if name in perturb:
-            start, codes = perturb[name]
+    def zeros_with_rows(shape, like: Optional[torch.Tensor], codes_at) -> torch.Tensor:
+        out = torch.zeros(shape, dtype=like.dtype if like is not None else dtype,
+                          device=like.device if like is not None else device)
+        if codes_at is not None:
+            start, codes = codes_at
             c = torch.as_tensor(codes, dtype=out.dtype, device=out.device)
-            c = c.reshape(c.shape + (1,) * (out.dim() - 2))
-            out[start:start + c.shape[0]] += c
+            out[start:start + c.shape[0]] += c.reshape(c.shape + (1,) * (out.dim() - 2))
         return out
 
-    info = {l.name: l for l in handle.layers}
+    def run():
+        with probe_mode(model):
+            return model(zeros_with_rows((rows,) + tuple(handle.input_shape[-3:]), None, perturb.get(None)))
 
-    def layer_forward(name, module):
-        # the layer's own computation is skipped: its output is zeros (plus the perturbation)
-        def forward(x, *args, **kwargs):
-            seen.setdefault(name, _changed(x))
-            if isinstance(module, nn.Conv2d):
-                shape = (x.shape[0], module.out_channels) + tuple(info[name].output_hw)
-            else:
-                shape = tuple(x.shape[:-1]) + (module.out_features,)
-            return add_rows(torch.zeros(shape, dtype=x.dtype, device=x.device), name)
-        return forward
-
-    def norm_forward(name):
-        def forward(x, *args, **kwargs):
-            seen.setdefault(name, _changed(x))
-            return x
-        return forward
-
-    patched = []
-    was_training = model.training
-    try:
-        for n, m in model.named_modules():
-            if isinstance(m, PRUNABLE) and n in info:
-                patched.append((m, m.__dict__.get("forward")))
-                m.forward = layer_forward(n, m)
-            elif isinstance(m, _BN):
-                patched.append((m, m.__dict__.get("forward")))
-                m.forward = norm_forward(n)
-        model.eval()
-        x = torch.zeros((rows,) + tuple(handle.input_shape[-3:]), dtype=dtype, device=device)
-        with torch.no_grad():
-            add_rows(x, None)
-            y = model(x)
-    finally:
-        for m, own in patched:
-            if own is None:
-                del m.forward
-            else:
-                m.forward = own
-        model.train(was_training)
-    if isinstance(y, (tuple, list)) and y and isinstance(y[0], torch.Tensor):
-        y = y[0]  # (logits, auxiliary outputs...): the logits come first
-    if isinstance(y, torch.Tensor):
-        seen[OUTPUT] = _changed(y)
-    return seen
+    modules = list(model.named_modules())
+    return run_probe(handle, perturb, [(n, m) for n, m in modules if isinstance(m, PRUNABLE)],
+                     [(n, m) for n, m in modules if isinstance(m, _BN)], "forward", _changed, zeros_with_rows, run)

@@ -5,6 +5,7 @@ for FLOPs come from one probe forward pass with hooks, in eval mode, on the mode
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Dict, List, Sequence
 
 import numpy as np
@@ -26,6 +27,18 @@ def _hw(t: torch.Tensor):
     return (int(t.shape[-2]), int(t.shape[-1])) if t.dim() == 4 else (1, 1)
 
 
+@contextmanager
+def probe_mode(model: nn.Module):
+    """Eval mode without gradients for a probe pass; the train flag is restored after."""
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
 def discover_layers(model: nn.Module, input_shape: Sequence[int]) -> List[LayerInfo]:
     """Every Conv2d/Linear in definition order, with spatial sizes from a probe forward pass."""
     modules = [(n, m) for n, m in model.named_modules() if isinstance(m, PRUNABLE)]
@@ -37,17 +50,14 @@ def discover_layers(model: nn.Module, input_shape: Sequence[int]) -> List[LayerI
         return hook
 
     hooks = [m.register_forward_hook(recorder(n)) for n, m in modules]
-    was_training = model.training
     try:
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
-        model.eval()
-        with torch.no_grad():
+        with probe_mode(model):
             model(torch.zeros((1,) + tuple(input_shape[-3:]), device=device))
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     layers = []
     for n, m in modules:
         in_hw, out_hw = seen.get(n, ((1, 1), (1, 1)))

@@ -4,7 +4,8 @@ A *channel group* is a set of channels that must be pruned together: the output 
 every conv/linear layer whose outputs meet (a residual addition), the BatchNorms over them, the
 depthwise convs that carry them through, and the input channels of every layer that reads them.
 :func:`find_channel_groups` finds them from the model, not from a table of layer names, with one
-implementation for every backend; a backend only provides the probe below.
+implementation for every backend; a backend only provides the probe below (its framework-free
+part is :func:`run_probe`).
 
 The probe (one eval-mode forward per chunk of rows, the backend's ``probe_channels``):
 
@@ -30,7 +31,7 @@ the image is not prunable.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -191,6 +192,60 @@ def _probe_all(probe, producers: List[Tuple[Optional[str], int]]) -> Dict[Option
         for name, n in colours[i]:
             results[name] = {c: v[:2 * _bits(n)] for c, v in changed.items() if c in reach[name]}
     return results
+
+
+def run_probe(handle, perturb: Dict[Optional[str], Tuple[int, np.ndarray]], layers: Iterable[Tuple[str, object]],
+              norms: Iterable[Tuple[str, object]], method: str, changed: Callable, zeros_with_rows: Callable,
+              run: Callable) -> Dict[str, np.ndarray]:
+    """The framework-free body of a backend's ``probe_channels(handle, perturb, rows)``.
+
+    For the pass, ``method`` (the one the framework calls: ``forward``, ``construct``) of every
+    layer of ``handle.layers`` among ``layers`` and of every module in ``norms`` is overridden on
+    the instance (and restored after): a layer returns ``zeros_with_rows(shape, x, perturb.get(name))``
+    (zeros shaped like its output, of ``x``'s kind, plus the perturbation rows: its own computation
+    is skipped), a norm returns its input; both record ``changed(input)``, the (rows, channels)
+    bool array of what differs from row 0. ``run()`` runs the model once in eval mode on the
+    perturbed image and returns its output (a tuple's first entry is taken as the logits).
+    Returns ``{layer or norm name or OUTPUT: (rows, width) bool}``."""
+    seen: Dict[str, np.ndarray] = {}
+    info = {l.name: l for l in handle.layers}
+
+    def layer_method(name):
+        l = info[name]
+
+        def method_(x, *args, **kwargs):
+            seen.setdefault(name, changed(x))
+            if l.kind == "conv":
+                shape = (x.shape[0], int(l.out_channels)) + tuple(l.output_hw)
+            else:
+                shape = tuple(x.shape[:-1]) + (int(l.out_channels),)
+            return zeros_with_rows(shape, x, perturb.get(name))
+        return method_
+
+    def norm_method(name):
+        def method_(x, *args, **kwargs):
+            seen.setdefault(name, changed(x))
+            return x
+        return method_
+
+    overrides = [(m, layer_method(n)) for n, m in layers if n in info] + [(m, norm_method(n)) for n, m in norms]
+    patched = []
+    try:
+        for m, fn in overrides:
+            patched.append((m, m.__dict__.get(method)))
+            setattr(m, method, fn)
+        y = run()
+    finally:
+        for m, own in patched:
+            if own is None:
+                delattr(m, method)
+            else:
+                setattr(m, method, own)
+    if isinstance(y, (tuple, list)) and y and hasattr(y[0], "shape"):
+        y = y[0]  # (logits, auxiliary outputs...): the logits come first
+    if hasattr(y, "shape"):
+        seen[OUTPUT] = changed(y)
+    return seen
 
 
 def find_channel_groups(handle) -> List[ChannelGroup]:
