@@ -24,8 +24,9 @@ import mindspore as ms
 import mindspore.nn as nn
 import numpy as np
 
-from prunekit.errors import ConfigError, PlanError
-from prunekit.app.export import DEFAULT_TOLERANCE, ModelStructure, structure_path, write_checked
+from prunekit.errors import PlanError
+from prunekit.app.export import (DEFAULT_TOLERANCE, ModelStructure, export_graph, make_export,
+                                 save_beside_structure, structure_path)
 
 from .layers import MindSporeModelHandle, write_
 
@@ -43,22 +44,11 @@ def export_mindir(handle: MindSporeModelHandle, path: str, check_input: Optional
     The reloaded file is run on ``check_input`` (default: 8 seeded normal images) and compared
     with ``reference`` (default: the Cell's own outputs on that batch).
     """
-    if not path.endswith(".mindir"):
-        raise ConfigError(f"MindIR output {path!r} must end in .mindir")
-    model = handle.model
-    x = check_input if check_input is not None else np.random.default_rng(0).standard_normal(
-        (8,) + tuple(handle.input_shape)).astype(np.float32)
-    ref = reference if reference is not None else handle.predict(x)
-    was_training = model.training
-    model.set_train(False)
     spec = ms.Tensor(shape=[None] + [int(d) for d in handle.input_shape], dtype=ms.float32)
-    try:  # mindspore.export appends ".mindir" to file_name
-        diff = write_checked(path, path[:-7] + ".tmp.mindir",
-                             lambda tmp: ms.export(model, spec, file_name=tmp[:-7], file_format="MINDIR"),
-                             lambda tmp: mindir_outputs(tmp, x), ref, tolerance, "MindIR model (GraphCell)")
-    finally:
-        model.set_train(was_training)
-    return {"path": path, "max_abs_diff": diff}
+    # mindspore.export appends ".mindir" to file_name
+    return export_graph(handle, path, ".mindir", "MindIR", "MindIR model (GraphCell)",
+                        lambda tmp: ms.export(handle.model, spec, file_name=tmp[:-7], file_format="MINDIR"),
+                        mindir_outputs, check_input, reference, tolerance)
 
 
 def checkpoint_entries(model: nn.Cell) -> list:
@@ -69,12 +59,8 @@ def checkpoint_entries(model: nn.Cell) -> list:
 
 def save_checkpoint(handle: MindSporeModelHandle, path: str, structure: ModelStructure) -> dict:
     """Write ``handle``'s parameters to the MindSpore checkpoint ``path`` and ``structure`` next to it."""
-    if not path.endswith(".ckpt"):
-        raise ConfigError(f"MindSpore output {path!r} must end in .ckpt")
-    tmp = path[:-5] + ".tmp.ckpt"
-    ms.save_checkpoint(checkpoint_entries(handle.model), tmp)
-    os.replace(tmp, path)
-    return {"path": path, "structure": structure.save(structure_path(path))}
+    return save_beside_structure(path, ".ckpt", "MindSpore",
+                                 lambda tmp: ms.save_checkpoint(checkpoint_entries(handle.model), tmp), structure)
 
 
 def load_checkpoint(path: str, structure: Optional[ModelStructure] = None) -> MindSporeModelHandle:
@@ -103,21 +89,6 @@ def load_checkpoint(path: str, structure: Optional[ModelStructure] = None) -> Mi
     return handle
 
 
-def export(fmt: str, structure: ModelStructure, state: Dict[str, np.ndarray], out: str, x: np.ndarray,
-           reference: np.ndarray, tolerance: float = DEFAULT_TOLERANCE) -> dict:
-    """Rebuild the model from ``structure`` + ``state`` and write it as ``fmt`` ("mindir" or
-    "mindspore-ckpt"), checking the written file's outputs on ``x`` against ``reference``."""
-    from prunekit.backends.mindspore import BACKEND as backend
-
-    handle = structure.build(backend, state)
-    if fmt == "mindir":
-        return export_mindir(handle, out, x, reference, tolerance)
-    if fmt == "mindspore-ckpt":
-        if not out.endswith(".ckpt"):
-            raise ConfigError(f"MindSpore output {out!r} must end in .ckpt")
-        tmp = out[:-5] + ".tmp.ckpt"
-        diff = write_checked(out, tmp, lambda p: save_checkpoint(handle, p, structure),
-                             lambda p: load_checkpoint(p, structure).predict(x), reference, tolerance,
-                             "reloaded MindSpore checkpoint", leftovers=[structure_path(tmp)])
-        return {"path": out, "structure": structure.save(structure_path(out)), "max_abs_diff": diff}
-    raise ConfigError(f"the mindspore backend writes mindir or mindspore-ckpt, not {fmt!r}")
+#: the entry point of ``prunekit export`` (:func:`prunekit.app.export.export_run`)
+export = make_export("mindspore", "mindir", export_mindir, "mindspore-ckpt", ".ckpt", "MindSpore", "checkpoint",
+                     save_checkpoint, load_checkpoint)

@@ -23,8 +23,9 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from prunekit.errors import BackendUnavailable, ConfigError, PlanError
-from prunekit.app.export import DEFAULT_TOLERANCE, ModelStructure, structure_path, write_checked
+from prunekit.errors import BackendUnavailable, PlanError
+from prunekit.app.export import (DEFAULT_TOLERANCE, ModelStructure, export_graph, make_export,
+                                 save_beside_structure, structure_path)
 
 from .layers import TorchModelHandle
 
@@ -51,39 +52,24 @@ def export_onnx(handle: TorchModelHandle, path: str, check_input: Optional[np.nd
     The file is checked with onnxruntime on ``check_input`` (default: 8 seeded normal images)
     against ``reference`` (default: ``handle.predict`` of that batch).
     """
-    if not path.endswith(".onnx"):
-        raise ConfigError(f"ONNX output {path!r} must end in .onnx")
     model = handle.model
-    x = check_input if check_input is not None else np.random.default_rng(0).standard_normal(
-        (8,) + tuple(handle.input_shape)).astype(np.float32)
-    ref = reference if reference is not None else handle.predict(x)
-    device = next(model.parameters()).device
-    dummy = torch.zeros((1,) + tuple(handle.input_shape), device=device)
 
     def write(tmp):
+        dummy = torch.zeros((1,) + tuple(handle.input_shape), device=next(model.parameters()).device)
         with warnings.catch_warnings():  # the TorchScript exporter warns about its own internals
             warnings.simplefilter("ignore")
             torch.onnx.export(model, (dummy,), tmp, dynamo=False, opset_version=opset, input_names=["input"],
                               output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
 
-    was_training = model.training
-    model.eval()
-    try:
-        diff = write_checked(path, path[:-5] + ".tmp.onnx", write, lambda tmp: onnx_outputs(tmp, x), ref, tolerance,
-                             "ONNX model (onnxruntime)")
-    finally:
-        model.train(was_training)
-    return {"path": path, "max_abs_diff": diff}
+    return export_graph(handle, path, ".onnx", "ONNX", "ONNX model (onnxruntime)", write, onnx_outputs, check_input,
+                        reference, tolerance)
 
 
 def save_state_dict(handle: TorchModelHandle, path: str, structure: ModelStructure) -> dict:
     """Write ``handle.model.state_dict()`` to ``path`` and ``structure`` next to it."""
-    if not path.endswith(".pt"):
-        raise ConfigError(f"PyTorch output {path!r} must end in .pt")
-    tmp = path + ".tmp"
-    torch.save({k: v.detach().cpu() for k, v in handle.model.state_dict().items()}, tmp)
-    os.replace(tmp, path)
-    return {"path": path, "structure": structure.save(structure_path(path))}
+    return save_beside_structure(
+        path, ".pt", "PyTorch",
+        lambda tmp: torch.save({k: v.detach().cpu() for k, v in handle.model.state_dict().items()}, tmp), structure)
 
 
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
@@ -113,21 +99,6 @@ def load_state_dict(path: str, structure: Optional[ModelStructure] = None) -> To
     return handle
 
 
-def export(fmt: str, structure: ModelStructure, state: Dict[str, np.ndarray], out: str, x: np.ndarray,
-           reference: np.ndarray, tolerance: float = DEFAULT_TOLERANCE) -> dict:
-    """Rebuild the model from ``structure`` + ``state`` and write it as ``fmt`` ("onnx" or
-    "torch"), checking the written file's outputs on ``x`` against ``reference``."""
-    from prunekit.backends.torch import BACKEND as backend
-
-    handle = structure.build(backend, state)
-    if fmt == "onnx":
-        return export_onnx(handle, out, x, reference, tolerance)
-    if fmt == "torch":
-        if not out.endswith(".pt"):
-            raise ConfigError(f"PyTorch output {out!r} must end in .pt")
-        tmp = out[:-3] + ".tmp.pt"
-        diff = write_checked(out, tmp, lambda p: save_state_dict(handle, p, structure),
-                             lambda p: load_state_dict(p, structure).predict(x), reference, tolerance,
-                             "reloaded PyTorch state_dict", leftovers=[structure_path(tmp)])
-        return {"path": out, "structure": structure.save(structure_path(out)), "max_abs_diff": diff}
-    raise ConfigError(f"the torch backend writes onnx or torch, not {fmt!r}")
+#: the entry point of ``prunekit export`` (:func:`prunekit.app.export.export_run`)
+export = make_export("torch", "onnx", export_onnx, "torch", ".pt", "PyTorch", "state_dict", save_state_dict,
+                     load_state_dict)

@@ -19,7 +19,10 @@ weights loaded by shared name with every name and shape checked.
 the run's backend as the reference, writes the file through the backend that writes the format
 (:meth:`prunekit.contract.backend.Backend.export`) and checks the file's outputs against the
 reference. Nothing here imports a framework; the formats come from the backend registry
-(:func:`export_formats`).
+(:func:`export_formats`). The structure of the backends' own writers (temporary file, check,
+rename; the structure description beside the weights) is here too (:func:`export_graph`,
+:func:`export_reloaded`, :func:`make_export`): a backend passes only the calls that write and
+read its files.
 """
 from __future__ import annotations
 
@@ -285,6 +288,82 @@ def write_checked(out: str, tmp: str, write, outputs, reference: np.ndarray, tol
             _remove(path)
     os.replace(tmp, out)
     return diff
+
+
+# ---------------------------------------------------------------------------- backend writers
+# The structure of every backend's ``export.py``, written once: the backend passes the calls
+# that write and read its files.
+def check_suffix(path: str, suffix: str, label: str) -> None:
+    if not path.endswith(suffix):
+        raise ConfigError(f"{label} output {path!r} must end in {suffix}")
+
+
+def temporary_path(path: str, suffix: str) -> str:
+    """Where ``path`` is written before it is checked: ``a/model.pt`` -> ``a/model.tmp.pt`` (the
+    suffix kept: some writers append it)."""
+    return path[:-len(suffix)] + ".tmp" + suffix
+
+
+def save_beside_structure(path: str, suffix: str, label: str, write, structure: ModelStructure) -> dict:
+    """``write(tmp)`` renamed to ``path``, and ``structure`` saved next to it."""
+    check_suffix(path, suffix, label)
+    tmp = temporary_path(path, suffix)
+    write(tmp)
+    os.replace(tmp, path)
+    return {"path": path, "structure": structure.save(structure_path(path))}
+
+
+def export_graph(handle, path: str, suffix: str, label: str, what: str, write, outputs,
+                 check_input: Optional[np.ndarray] = None, reference: Optional[np.ndarray] = None,
+                 tolerance: float = DEFAULT_TOLERANCE) -> dict:
+    """Write ``handle``'s model in eval mode with ``write(tmp)`` and check ``outputs(tmp, x)`` on
+    ``check_input`` (default: 8 seeded normal images) against ``reference`` (default:
+    ``handle.predict`` of that batch) before it becomes ``path``; returns ``{"path", "max_abs_diff"}``."""
+    check_suffix(path, suffix, label)
+    x = check_input if check_input is not None else np.random.default_rng(0).standard_normal(
+        (8,) + tuple(handle.input_shape)).astype(np.float32)
+    ref = reference if reference is not None else handle.predict(x)
+    was_training = handle.set_training(False)
+    try:
+        diff = write_checked(path, temporary_path(path, suffix), write, lambda tmp: outputs(tmp, x), ref, tolerance,
+                             what)
+    finally:
+        handle.set_training(was_training)
+    return {"path": path, "max_abs_diff": diff}
+
+
+def export_reloaded(handle, structure: ModelStructure, out: str, suffix: str, label: str, what: str, save, load,
+                    x: np.ndarray, reference: np.ndarray, tolerance: float = DEFAULT_TOLERANCE) -> dict:
+    """``save(handle, tmp, structure)``, then the outputs of ``load(tmp, structure)`` on ``x``
+    checked against ``reference`` before the file becomes ``out``."""
+    check_suffix(out, suffix, label)
+    tmp = temporary_path(out, suffix)
+    diff = write_checked(out, tmp, lambda p: save(handle, p, structure), lambda p: load(p, structure).predict(x),
+                         reference, tolerance, what, leftovers=[structure_path(tmp)])
+    return {"path": out, "structure": structure.save(structure_path(out)), "max_abs_diff": diff}
+
+
+def make_export(name: str, graph_format: str, write_graph, native_format: str, native_suffix: str, label: str,
+                noun: str, save, load):
+    """The ``export(fmt, structure, state, out, x, reference, tolerance)`` of backend ``name``,
+    called by :func:`export_run`: it rebuilds the model from ``structure`` + ``state`` on that
+    backend and writes it as ``graph_format`` (``write_graph(handle, out, x, reference,
+    tolerance)``) or as ``native_format`` (``save(handle, path, structure)``, checked by reloading
+    with ``load(path, structure)``), checking the written file's outputs on ``x`` against ``reference``."""
+
+    def export(fmt: str, structure: ModelStructure, state: Dict[str, np.ndarray], out: str, x: np.ndarray,
+               reference: np.ndarray, tolerance: float = DEFAULT_TOLERANCE) -> dict:
+        handle = structure.build(get_backend(name), state)
+        if fmt == graph_format:
+            return write_graph(handle, out, x, reference, tolerance)
+        if fmt == native_format:
+            return export_reloaded(handle, structure, out, native_suffix, label, f"reloaded {label} {noun}", save, load,
+                                   x, reference, tolerance)
+        raise ConfigError(f"the {name} backend writes {graph_format} or {native_format}, not {fmt!r}")
+
+    export.__doc__ = (f"Rebuild the model from ``structure`` + ``state`` and write it as ``fmt`` ({graph_format!r} "
+                      f"or {native_format!r}), checking the written file's outputs on ``x`` against ``reference``.")
+    return export
 
 
 def export_run(run_dir: str, fmt: str, out: Optional[str] = None, check_batch: int = 8,
