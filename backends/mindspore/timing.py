@@ -4,7 +4,7 @@
 (PyNative pays about a millisecond per op, which would hide the arithmetic) in eval mode on one
 random batch of its input shape and returns, per model, the median and fastest of its timed
 batches, each waited for (``asnumpy``), timed side by side by
-:func:`prunekit.app.timing.time_side_by_side` (at least one warm-up call: the first compiles).
+:func:`prunekit.app.timing.time_handles` (at least one warm-up call: the first compiles).
 ``deploy`` is accepted for the PyTorch backend's signature; MindSpore's is always the compiled
 graph ("jit"). Train flags are restored.
 """
@@ -15,7 +15,7 @@ from typing import List, Sequence
 import mindspore as ms
 import numpy as np
 
-from prunekit.app.timing import time_side_by_side
+from prunekit.app.timing import time_handles
 
 DEPLOYS = ("eager", "frozen", "compiled", "jit")
 
@@ -31,22 +31,11 @@ def time_inference(handles: Sequence, batch: int, warmup: int = 2, repeats: int 
                    rounds: int = 1) -> List[dict]:
     if deploy not in DEPLOYS:
         raise ValueError(f"unknown deploy {deploy!r}; expected one of {', '.join(DEPLOYS)}")
-    models = [h.model for h in handles]
-    modes = [bool(m.training) for m in models]
     rng = np.random.default_rng(0)
-    inputs = [ms.Tensor(rng.standard_normal((int(batch),) + tuple(h.input_shape)).astype(np.float32))
-              for h in handles]
 
-    def call(run, x):
+    def prepare(handle):
+        x = ms.Tensor(rng.standard_normal((int(batch),) + tuple(handle.input_shape)).astype(np.float32))
+        run = _forward(handle.model)
         return lambda: run(x).asnumpy()  # waits for the result
-    try:
-        for m in models:
-            m.set_train(False)
-        runners = [_forward(m) for m in models]
-        stats = time_side_by_side([call(r, x) for r, x in zip(runners, inputs)], max(1, int(warmup)), repeats,
-                                  rounds)
-    finally:
-        for m, mode in zip(models, modes):
-            m.set_train(mode)
-    return [{**t, "batch": int(batch), "deploy": "jit"} for t in stats]
 
+    return time_handles(handles, batch, "jit", prepare, max(1, int(warmup)), repeats, rounds)

@@ -2,7 +2,7 @@
 
 ``time_inference(handles, batch)`` runs each model in eval mode without gradients on one random
 batch of its input shape and returns, per model, the median and fastest of its timed batches
-(CUDA synchronised), timed side by side by :func:`prunekit.app.timing.time_side_by_side`. How the
+(CUDA synchronised), timed side by side by :func:`prunekit.app.timing.time_handles`. How the
 models run (``deploy``):
 
 * ``"eager"``: the ``nn.Module`` itself;
@@ -16,11 +16,12 @@ The models are left as they were (eval/train mode restored).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import List, Sequence
 
 import torch
 
-from prunekit.app.timing import time_side_by_side
+from prunekit.app.timing import time_handles
 
 DEPLOYS = ("eager", "frozen", "compiled")
 
@@ -37,28 +38,23 @@ def time_inference(handles: Sequence, batch: int, warmup: int = 2, repeats: int 
                    rounds: int = 1) -> List[dict]:
     if deploy not in DEPLOYS:
         raise ValueError(f"unknown deploy {deploy!r}; expected one of {', '.join(DEPLOYS)}")
-    models = [h.model for h in handles]
-    modes = [m.training for m in models]
-    params = [next(m.parameters()) for m in models]
-    inputs = [torch.randn((int(batch),) + tuple(h.input_shape), device=p.device, dtype=p.dtype)
-              for h, p in zip(handles, params)]
-    cuda = any(p.device.type == "cuda" for p in params)
+    cuda = any(next(h.model.parameters()).device.type == "cuda" for h in handles)
 
-    def call(run, x):
+    def prepare(handle):
+        p = next(handle.model.parameters())
+        x = torch.randn((int(batch),) + tuple(handle.input_shape), device=p.device, dtype=p.dtype)
+        run = _runner(handle.model, x, deploy)
+
         def once():
             run(x)
             if cuda:
                 torch.cuda.synchronize()
         return once
-    try:
-        for m in models:
-            m.eval()
-        with torch.no_grad(), torch._dynamo.config.patch(automatic_dynamic_shapes=False,
-                                                         cache_size_limit=max(8, 2 * len(models))):
-            runners = [_runner(m, x, deploy) for m, x in zip(models, inputs)]
-            stats = time_side_by_side([call(r, x) for r, x in zip(runners, inputs)], warmup, repeats, rounds)
-    finally:
-        for m, mode in zip(models, modes):
-            m.train(mode)
-    return [{**t, "batch": int(batch), "deploy": deploy} for t in stats]
 
+    @contextmanager
+    def inference():
+        with torch.no_grad(), torch._dynamo.config.patch(automatic_dynamic_shapes=False,
+                                                         cache_size_limit=max(8, 2 * len(handles))):
+            yield
+
+    return time_handles(handles, batch, deploy, prepare, warmup, repeats, rounds, inference)
