@@ -8,7 +8,14 @@ One sub-package per framework, with the same file names in each:
 * ``ops.py``     the neutral tensor API (:class:`prunekit.contract.ops.Ops`) on the framework's tensors
 * ``layers.py``  discovery of prunable layers and the :class:`prunekit.contract.handle.ModelHandle`
 * ``models.py``  the reference models, one parameter-naming scheme across frameworks
-* ``driver.py``  training-loop integration (masking gradients, optimizer state and weights)
+* ``driver.py``  training-loop integration: the session's tensor work (masking gradients, optimizer
+  state and weights; the life cycle is :mod:`prunekit.app.session`'s) and the ``Trainer``
+* ``fused.py``   fused paths of the driver (multi-tensor ops; compiled graphs)
+* ``integrations.py`` framework integrations (Lightning's callback; ``Model.train``'s cell and callback)
+* ``optimizers.py`` ``make_optimizer`` and framework-native optimizers (``SDPrun``)
+* ``compact.py``, ``channels.py``, ``export.py``, ``timing.py``, ``distributed.py``: the framework
+  parts of :mod:`prunekit.decisions.compaction`, :mod:`prunekit.decisions.channel_groups`,
+  :mod:`prunekit.app.export`, :mod:`prunekit.app.timing`, :mod:`prunekit.app.session`'s data parallel
 
 Only the sub-packages import a framework. This file does not: the core's registry
 (:mod:`prunekit.contract.backend`) reads :data:`BUILTIN` from it to know the built-in backends,
