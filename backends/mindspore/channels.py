@@ -19,7 +19,7 @@ import mindspore as ms
 
 from prunekit.decisions.channel_groups import run_probe
 
-from .layers import PRUNABLE, _BN, probe_mode
+from .layers import PRUNABLE, _BN, probe_forward
 
 
 def norm_layers(handle) -> List[Tuple[str, int]]:
@@ -45,13 +45,6 @@ def _zeros_with_rows(shape, like, codes_at: Optional[Tuple[int, np.ndarray]]):
 
 
 def probe_channels(handle, perturb: Dict[Optional[str], Tuple[int, np.ndarray]], rows: int) -> Dict[str, np.ndarray]:
-    """One probe forward of ``rows`` rows: the twin of the PyTorch ``probe_channels``."""
-    model = handle.model
-
-    def run():
-        with probe_mode(model):
-            return model(_zeros_with_rows((rows,) + tuple(handle.input_shape[-3:]), None, perturb.get(None)))
-
-    cells = list(model.cells_and_names())
-    return run_probe(handle, perturb, [(n, c) for n, c in cells if isinstance(c, PRUNABLE)],
-                     [(n, c) for n, c in cells if isinstance(c, _BN)], "construct", _changed, _zeros_with_rows, run)
+    """One probe forward (:func:`~prunekit.decisions.channel_groups.run_probe`)."""
+    return run_probe(handle, perturb, rows, handle.model.cells_and_names(), PRUNABLE, _BN, "construct", _changed,
+                     _zeros_with_rows, lambda x: probe_forward(handle.model, x))

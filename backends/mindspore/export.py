@@ -18,7 +18,7 @@ Every writer goes through a temporary file, checks it, then renames it.
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional
+from typing import Optional
 
 import mindspore as ms
 import mindspore.nn as nn

@@ -69,6 +69,12 @@ def probe_mode(model: nn.Cell):
             ms.set_context(mode=ms.GRAPH_MODE)
 
 
+def probe_forward(model, x):
+    """The model's output on ``x`` in :func:`probe_mode`."""
+    with probe_mode(model):
+        return model(x)
+
+
 def _probe(model: nn.Cell, input_shape: Sequence[int], cells) -> Dict[str, tuple]:
     seen: Dict[str, tuple] = {}
 
@@ -78,13 +84,12 @@ def _probe(model: nn.Cell, input_shape: Sequence[int], cells) -> Dict[str, tuple
         return hook
 
     handles = []
-    with probe_mode(model):
-        try:
-            handles = [c.register_forward_hook(recorder(n)) for n, c in cells]
-            model(msops.zeros((1,) + tuple(int(d) for d in input_shape[-3:]), ms.float32))
-        finally:
-            for h in handles:
-                h.remove()
+    try:
+        handles = [c.register_forward_hook(recorder(n)) for n, c in cells]
+        probe_forward(model, ms.Tensor(np.zeros((1,) + tuple(int(d) for d in input_shape[-3:]), np.float32)))
+    finally:
+        for h in handles:
+            h.remove()
     return seen
 
 

@@ -17,7 +17,7 @@ import torch
 
 from prunekit.decisions.channel_groups import run_probe
 
-from .layers import _BN, PRUNABLE, probe_mode
+from .layers import _BN, PRUNABLE, probe_forward
 
 
 def norm_layers(handle) -> List[Tuple[str, int]]:
@@ -33,11 +33,8 @@ def _changed(x: torch.Tensor) -> np.ndarray:
 
 
 def probe_channels(handle, perturb: Dict[Optional[str], Tuple[int, np.ndarray]], rows: int) -> Dict[str, np.ndarray]:
-    """One probe forward of ``rows`` rows (the protocol: :func:`~prunekit.decisions.channel_groups.run_probe`).
-    ``perturb[layer] = (first row, codes)`` adds ``codes`` (rows x channels) to that layer's
-    (zeroed) output from ``first row`` on; the key None perturbs the image."""
-    model = handle.model
-    param = next(model.parameters(), None)
+    """One probe forward (:func:`~prunekit.decisions.channel_groups.run_probe`)."""
+    param = next(handle.model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
 
@@ -50,10 +47,5 @@ def probe_channels(handle, perturb: Dict[Optional[str], Tuple[int, np.ndarray]],
             out[start:start + c.shape[0]] += c.reshape(c.shape + (1,) * (out.dim() - 2))
         return out
 
-    def run():
-        with probe_mode(model):
-            return model(zeros_with_rows((rows,) + tuple(handle.input_shape[-3:]), None, perturb.get(None)))
-
-    modules = list(model.named_modules())
-    return run_probe(handle, perturb, [(n, m) for n, m in modules if isinstance(m, PRUNABLE)],
-                     [(n, m) for n, m in modules if isinstance(m, _BN)], "forward", _changed, zeros_with_rows, run)
+    return run_probe(handle, perturb, rows, handle.model.named_modules(), PRUNABLE, _BN, "forward", _changed,
+                     zeros_with_rows, lambda x: probe_forward(handle.model, x))

@@ -39,6 +39,12 @@ def probe_mode(model: nn.Module):
         model.train(was_training)
 
 
+def probe_forward(model, x):
+    """The model's output on ``x`` in :func:`probe_mode`."""
+    with probe_mode(model):
+        return model(x)
+
+
 def discover_layers(model: nn.Module, input_shape: Sequence[int]) -> List[LayerInfo]:
     """Every Conv2d/Linear in definition order, with spatial sizes from a probe forward pass."""
     modules = [(n, m) for n, m in model.named_modules() if isinstance(m, PRUNABLE)]
@@ -53,8 +59,7 @@ def discover_layers(model: nn.Module, input_shape: Sequence[int]) -> List[LayerI
     try:
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
-        with probe_mode(model):
-            model(torch.zeros((1,) + tuple(input_shape[-3:]), device=device))
+        probe_forward(model, torch.zeros((1,) + tuple(input_shape[-3:]), device=device))
     finally:
         for h in hooks:
             h.remove()

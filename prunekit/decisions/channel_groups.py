@@ -194,18 +194,21 @@ def _probe_all(probe, producers: List[Tuple[Optional[str], int]]) -> Dict[Option
     return results
 
 
-def run_probe(handle, perturb: Dict[Optional[str], Tuple[int, np.ndarray]], layers: Iterable[Tuple[str, object]],
-              norms: Iterable[Tuple[str, object]], method: str, changed: Callable, zeros_with_rows: Callable,
-              run: Callable) -> Dict[str, np.ndarray]:
-    """The framework-free body of a backend's ``probe_channels(handle, perturb, rows)``.
+def run_probe(handle, perturb: Dict[Optional[str], Tuple[int, np.ndarray]], rows: int,
+              modules: Iterable[Tuple[str, object]], layer_types: tuple, norm_types: tuple, method: str,
+              changed: Callable, zeros_with_rows: Callable, forward: Callable) -> Dict[str, np.ndarray]:
+    """The framework-free body of a backend's ``probe_channels(handle, perturb, rows)``: one probe
+    forward of ``rows`` rows, where ``perturb[layer] = (first row, codes)`` adds ``codes`` (rows x
+    channels) to that layer's (zeroed) output from ``first row`` on and the key None perturbs the image.
 
     For the pass, ``method`` (the one the framework calls: ``forward``, ``construct``) of every
-    layer of ``handle.layers`` among ``layers`` and of every module in ``norms`` is overridden on
-    the instance (and restored after): a layer returns ``zeros_with_rows(shape, x, perturb.get(name))``
-    (zeros shaped like its output, of ``x``'s kind, plus the perturbation rows: its own computation
-    is skipped), a norm returns its input; both record ``changed(input)``, the (rows, channels)
-    bool array of what differs from row 0. ``run()`` runs the model once in eval mode on the
-    perturbed image and returns its output (a tuple's first entry is taken as the logits).
+    module among ``modules`` (``(path, module)``) that is a ``layer_types`` layer of
+    ``handle.layers`` or a ``norm_types`` norm is overridden on the instance (and restored after):
+    a layer returns ``zeros_with_rows(shape, x, perturb.get(name))`` (zeros shaped like its output,
+    of ``x``'s kind, plus the perturbation rows: its own computation is skipped), a norm returns
+    its input; both record ``changed(input)``, the (rows, channels) bool array of what differs from
+    row 0. ``forward(x)`` runs the model once in eval mode on the image ``zeros_with_rows(shape,
+    None, perturb.get(None))``; a tuple output's first entry is taken as the logits.
     Returns ``{layer or norm name or OUTPUT: (rows, width) bool}``."""
     seen: Dict[str, np.ndarray] = {}
     info = {l.name: l for l in handle.layers}
@@ -228,13 +231,19 @@ def run_probe(handle, perturb: Dict[Optional[str], Tuple[int, np.ndarray]], laye
             return x
         return method_
 
-    overrides = [(m, layer_method(n)) for n, m in layers if n in info] + [(m, norm_method(n)) for n, m in norms]
+    overrides = []
+    for n, m in modules:
+        if isinstance(m, layer_types) and n in info:
+            overrides.append((m, layer_method(n)))
+        elif isinstance(m, norm_types):
+            overrides.append((m, norm_method(n)))
+    image = zeros_with_rows((rows,) + tuple(int(d) for d in handle.input_shape[-3:]), None, perturb.get(None))
     patched = []
     try:
         for m, fn in overrides:
             patched.append((m, m.__dict__.get(method)))
             setattr(m, method, fn)
-        y = run()
+        y = forward(image)
     finally:
         for m, own in patched:
             if own is None:
