@@ -13,9 +13,9 @@ post-step work), ``finish``. :class:`SessionBase` does all of it by layer name; 
 * optionally :meth:`SessionBase._add_terms` (``adds_terms = True``): an additive algorithm's
   terms added in place, instead of the generic ``transform_gradients``;
 
-and its public gradient hook in the framework's terms (PyTorch: ``after_backward`` on ``.grad``;
-MindSpore: ``transform_gradients`` on the tuple aligned with the optimizer's parameters), built on
-:meth:`SessionBase._transform`.
+and its public gradient hook in the framework's terms (``after_backward`` on the weights' own
+gradients, or ``transform_gradients`` on a tuple aligned with the optimizer's parameters), built
+on :meth:`SessionBase._transform`.
 
 :class:`DataParallelSession` is the data-parallel part shared by the backends'
 ``distributed.DistributedSession``; :func:`optimizer_key` checks the optimizer names of the
@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Tuple
 from prunekit.app.distributed import ConsistencyGuard, average_running_stats, broadcast_state, world
 from prunekit.errors import ConfigError
 
-#: the optimizers every backend's ``optimizers.make_optimizer`` builds, with ``torch.optim`` semantics
+#: the optimizers every backend's ``optimizers.make_optimizer`` builds, with the same semantics on each
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -124,7 +124,7 @@ class SessionBase:
 
     def after_optimizer_step(self, weights_masked: bool = False) -> None:
         """``weights_masked``: the caller has already multiplied the masked weights by their
-        masks after the optimizer step (MindSpore's fused update does it in-graph)."""
+        masks after the optimizer step (a fused update that does it in-graph)."""
         if self.algorithm is not None:
             weights, masks = self._masked_weights()
             if weights and not weights_masked:

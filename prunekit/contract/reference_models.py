@@ -3,7 +3,7 @@ weight initialisation.
 
 The layer configurations of the reference models (ResNet stages, VGG and MobileNetV2 tables,
 the MNIST CNN's widths) are data here; each backend's ``backends/<name>/models.py`` only builds
-those layers in its framework, under one parameter-naming scheme (PyTorch's), and
+those layers in its framework, under one parameter-naming scheme, and
 :func:`build_reference` picks the architecture for a model name. Initial weights are drawn here,
 in NumPy, from a seed and the parameter name, so a model built with the same seed is identical
 on every backend: the conformance suite and cross-framework comparisons start from the same point.
