@@ -52,11 +52,11 @@ from typing import Any, Dict, Iterable, Optional
 
 import numpy as np
 
-from prunekit.errors import ModelError, PlanError
 from prunekit.contract.handle import ModelHandle
 from prunekit.contract.layers import require_prunable, signature
 from prunekit.contract.ops import Tensor
 from prunekit.decisions.plan import PruningPlan
+from prunekit.errors import ModelError, PlanError
 
 
 @dataclass

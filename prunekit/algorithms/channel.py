@@ -33,11 +33,11 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from prunekit.decisions.channel_groups import ChannelGroup, find_channel_groups
-from prunekit.errors import ConfigError, ModelError
-from prunekit.decisions.selection import keep_count, top_channels
 from prunekit.algorithms.base import Algorithm
 from prunekit.algorithms.registry import register_algorithm
+from prunekit.decisions.channel_groups import ChannelGroup, find_channel_groups
+from prunekit.decisions.selection import keep_count, top_channels
+from prunekit.errors import ConfigError, ModelError
 
 TARGETS = ("flops", "channels")
 ALLOCATIONS = ("global", "uniform")

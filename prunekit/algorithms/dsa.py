@@ -48,13 +48,13 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from prunekit.decisions.channel_flops import ChannelFlops
-from prunekit.errors import ConfigError, ModelError, PlanError
-from prunekit.decisions.plan import PruningPlan
-from prunekit.decisions.selection import top_channels
-from prunekit.contract.layers import signature
 from prunekit.algorithms.base import Algorithm
 from prunekit.algorithms.registry import register_algorithm
+from prunekit.contract.layers import signature
+from prunekit.decisions.channel_flops import ChannelFlops
+from prunekit.decisions.plan import PruningPlan
+from prunekit.decisions.selection import top_channels
+from prunekit.errors import ConfigError, ModelError, PlanError
 
 #: the keep-probability floor of the release (p = sigmoid(...) + 0.01)
 P_FLOOR = 0.01

@@ -13,12 +13,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, Sequence
 
-from prunekit.errors import ConfigError
-from prunekit.decisions.schedules import SparsitySchedule
-from prunekit.decisions.selection import (channel_scores, check_sparsity, expand_channel_mask, global_topk_masks,
-                         keep_count, topk_mask)
 from prunekit.algorithms.base import Algorithm
 from prunekit.algorithms.registry import register_algorithm
+from prunekit.decisions.schedules import SparsitySchedule
+from prunekit.decisions.selection import (
+    channel_scores, check_sparsity, expand_channel_mask, global_topk_masks, keep_count, topk_mask
+)
+from prunekit.errors import ConfigError
 
 GRANULARITIES = ("unstructured", "channel")
 SCOPES = ("global", "layer")

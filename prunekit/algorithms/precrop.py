@@ -42,14 +42,13 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from prunekit.errors import ConfigError, ModelError
-from prunekit.contract.layers import LayerInfo
+from prunekit.algorithms.base import Algorithm
+from prunekit.algorithms.registry import register_algorithm
+from prunekit.contract.layers import LayerInfo, signature
 from prunekit.decisions.pai_scores import GRASP_TEMPERATURE, SCORES, layer_densities, score_masks
 from prunekit.decisions.plan import PruningPlan
 from prunekit.decisions.selection import check_sparsity, keep_count, top_channels
-from prunekit.contract.layers import signature
-from prunekit.algorithms.base import Algorithm
-from prunekit.algorithms.registry import register_algorithm
+from prunekit.errors import ConfigError, ModelError
 
 STRUCTURES = ("channels", "unstructured")
 #: path components that mark a shortcut (projection) conv, not scored by default

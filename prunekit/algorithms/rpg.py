@@ -40,14 +40,16 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from prunekit.errors import ConfigError
-from prunekit.decisions.spectrum import from_rank_ops, matrix_view, to_rank_ops
-from prunekit.decisions.schedules import SparsitySchedule
-from prunekit.decisions.spectrum_tracking import batch_scalars, bind_rank_machinery, check_rank_settings, load_rank_machinery, save_rank_machinery
-from prunekit.decisions.selection import check_sparsity, residual_rank, topk_mask
 from prunekit.algorithms.base import Algorithm, tensors_from_numpy, tensors_to_numpy
 from prunekit.algorithms.magnitude import magnitude_masks
 from prunekit.algorithms.registry import register_algorithm
+from prunekit.decisions.schedules import SparsitySchedule
+from prunekit.decisions.selection import check_sparsity, residual_rank, topk_mask
+from prunekit.decisions.spectrum import from_rank_ops, matrix_view, to_rank_ops
+from prunekit.decisions.spectrum_tracking import (
+    batch_scalars, bind_rank_machinery, check_rank_settings, load_rank_machinery, save_rank_machinery
+)
+from prunekit.errors import ConfigError
 
 SEMANTICS = ("paper", "release")
 

@@ -35,10 +35,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from prunekit.errors import ConfigError, ModelError
-from prunekit.contract.ops import Ops, Tensor
 from prunekit.algorithms.base import Algorithm
 from prunekit.algorithms.registry import register_algorithm
+from prunekit.contract.ops import Ops, Tensor
+from prunekit.errors import ConfigError, ModelError
 
 COUPLINGS = ("filter", "channel")
 UPDATE_ON = ("auto", "device", "host")

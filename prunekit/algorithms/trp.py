@@ -30,13 +30,15 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from prunekit.errors import ConfigError
-from prunekit.decisions.spectrum import SCHEMES, from_matrix_view, from_rank_ops, matrix_view, to_rank_ops
-from prunekit.decisions.selection import energy_rank, value_rank
-from prunekit.decisions.spectrum_tracking import bind_rank_machinery, check_rank_settings, load_rank_machinery, positive, save_rank_machinery
-from prunekit.decisions.flops import count_handle
 from prunekit.algorithms.base import Algorithm, FinalTransform, tensors_from_numpy, tensors_to_numpy
 from prunekit.algorithms.registry import register_algorithm
+from prunekit.decisions.flops import count_handle
+from prunekit.decisions.selection import energy_rank, value_rank
+from prunekit.decisions.spectrum import SCHEMES, from_matrix_view, from_rank_ops, matrix_view, to_rank_ops
+from prunekit.decisions.spectrum_tracking import (
+    bind_rank_machinery, check_rank_settings, load_rank_machinery, positive, save_rank_machinery
+)
+from prunekit.errors import ConfigError
 
 
 @dataclass

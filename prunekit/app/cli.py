@@ -18,10 +18,10 @@ import dataclasses
 import sys
 from typing import List, Optional
 
-from prunekit.errors import ConfigError, PrunekitError
 from prunekit.algorithms import PLANNED, algorithm_names
 from prunekit.app.job import RunConfig, run
 from prunekit.contract.backend import backend_names, backend_specs
+from prunekit.errors import ConfigError, PrunekitError
 
 
 def _none_or_int(text: str):

@@ -11,28 +11,28 @@ Every setting is validated before data is read or a file is written.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 import time
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 import numpy as np
 
+from prunekit.algorithms import DEFAULT_ALGORITHM, algorithm_class, algorithm_config, make_algorithm, setting_types
 from prunekit.app import checkpoint
 from prunekit.app import data as datasets
-from prunekit.algorithms import DEFAULT_ALGORITHM, algorithm_class, algorithm_config, make_algorithm, setting_types
-from prunekit.contract.backend import check_backend_name, default_backend_name, get_backend
 from prunekit.app.distributed import check_batch_size, parallel_backend, start_distributed
-from prunekit.errors import ConfigError
-from prunekit.contract.reference_models import check_model_name
 from prunekit.app.plots import write_run_plots
-from prunekit.app.run_state import RunProgress
-from prunekit.decisions.flops import count_handle
 from prunekit.app.report import build_report, format_report, save_report
+from prunekit.app.run_state import RunProgress
+from prunekit.contract.backend import check_backend_name, default_backend_name, get_backend
+from prunekit.contract.reference_models import check_model_name
+from prunekit.decisions.flops import count_handle
 from prunekit.decisions.selection import check_sparsity
+from prunekit.errors import ConfigError
 
 
 @dataclass

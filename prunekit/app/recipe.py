@@ -24,9 +24,9 @@ import os
 import typing
 from typing import Any, Dict, Mapping, Optional
 
-from prunekit.errors import ConfigError
 from prunekit.algorithms.registry import check_value
 from prunekit.app.job import RunConfig
+from prunekit.errors import ConfigError
 
 
 def _field_types() -> Dict[str, Any]:

@@ -9,7 +9,7 @@ trajectory, the accuracies, and when to checkpoint.
   train accuracy of the epoch;
 * writes a checkpoint (:mod:`prunekit.app.checkpoint`) every ``checkpoint_every`` steps and at the
   end of each phase, holding the model, the trainer's optimizer and random states (captured by
-  the backend's ``checkpoint`` module), the algorithm's ``state_dict`` and its own state, so a
+  the backend: ``Backend.capture_training_state``, ``rng_state``), the algorithm's ``state_dict`` and its own state, so a
   resumed run records the very same trajectory;
 * feeds the progress bar's postfix (loss, running accuracy, measured sparsity).
 """

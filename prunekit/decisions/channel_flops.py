@@ -22,8 +22,8 @@ from typing import Dict, Sequence
 
 import numpy as np
 
-from prunekit.errors import ModelError
 from prunekit.contract.layers import LayerInfo
+from prunekit.errors import ModelError
 
 
 def layer_macs(layer: LayerInfo) -> int:

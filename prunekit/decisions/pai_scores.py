@@ -40,10 +40,10 @@ from typing import Callable, Dict, Iterable, List, Sequence, Tuple
 
 import numpy as np
 
-from prunekit.errors import ConfigError, ModelError
 from prunekit.contract.handle import ModelHandle
 from prunekit.contract.ops import Ops, Tensor
 from prunekit.decisions.selection import global_topk_masks
+from prunekit.errors import ConfigError, ModelError
 
 SCORES = ("snip", "grasp", "synflow")
 #: default GraSP temperature (the logits are divided by it)

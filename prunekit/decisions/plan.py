@@ -15,8 +15,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from prunekit.errors import PlanError
 from prunekit.contract.layers import LayerInfo, signature
+from prunekit.errors import PlanError
 
 PLAN_FORMAT = "prunekit-plan/1"
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from prunekit.errors import ConfigError
 from prunekit.decisions.selection import check_sparsity
+from prunekit.errors import ConfigError
 
 SCHEDULES = ("cubic", "exponential", "oneshot")
 

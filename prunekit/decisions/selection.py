@@ -20,8 +20,8 @@ from typing import Dict, Sequence
 
 import numpy as np
 
-from prunekit.errors import ConfigError
 from prunekit.contract.ops import Ops, Tensor
+from prunekit.errors import ConfigError
 
 #: slack for energy / residual-energy comparisons in rank choices (relative to total energy)
 RANK_TOLERANCE = 1e-6

@@ -31,8 +31,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from prunekit.errors import ConfigError
 from prunekit.contract.ops import Ops, Tensor
+from prunekit.errors import ConfigError
 
 SCHEMES = ("channel", "spatial")
 METHODS = ("auto", "exact", "gram", "subspace", "tracked")  # auto, tracked: prunekit.decisions.spectrum_tracking

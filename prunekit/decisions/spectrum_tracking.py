@@ -26,8 +26,8 @@ from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
-from prunekit.errors import ConfigError
 from prunekit.contract.ops import Ops, Tensor
+from prunekit.errors import ConfigError
 
 
 @dataclass
