@@ -3,7 +3,8 @@
 One sub-package per framework, with the same file names in each:
 
 * ``backend.py`` the :class:`prunekit.contract.backend.Backend` the core talks to (``BACKEND`` in
-  the package), delegating to the files below
+  the package): a :class:`prunekit.backends.common.DelegatingBackend` bound to the package, whose
+  members call the files below; the file holds only what differs per framework
 * ``runtime.py`` ``configure_process()``: the process-wide settings the package applies on import
 * ``ops.py``     the neutral tensor API (:class:`prunekit.contract.ops.Ops`) on the framework's tensors
 * ``layers.py``  discovery of prunable layers and the :class:`prunekit.contract.handle.ModelHandle`
@@ -16,6 +17,8 @@ One sub-package per framework, with the same file names in each:
 * ``compact.py``, ``channels.py``, ``export.py``, ``timing.py``, ``distributed.py``: the framework
   parts of :mod:`prunekit.decisions.compaction`, :mod:`prunekit.decisions.channel_groups`,
   :mod:`prunekit.app.export`, :mod:`prunekit.app.timing`, :mod:`prunekit.app.session`'s data parallel
+
+``common.py`` beside them holds what every ``backend.py`` shares (:class:`DelegatingBackend`).
 
 Only the sub-packages import a framework. This file does not: the core's registry
 (:mod:`prunekit.contract.backend`) reads :data:`BUILTIN` from it to know the built-in backends,
