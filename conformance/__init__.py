@@ -1,4 +1,4 @@
 """Cross-backend conformance suite: cases written once, run on each backend, compared.
 
-Run it as ``prunekit conformance`` or through pytest (``tests/test_conformance.py``).
+Run it as ``prunekit conformance`` or through pytest (``tests/conformance/test_conformance.py``).
 """

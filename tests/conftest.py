@@ -1,5 +1,11 @@
 """Shared test setup: the repository root on ``sys.path`` and a per-backend ``Ops`` fixture.
 
+The tests are grouped like the package: ``contract/``, ``decisions/``, ``algorithms/``, ``app/``
+(one folder per neutral layer), ``backends/`` (the adapters: the behaviour every backend must
+show, written once in ``backends/test_backend_behaviour.py`` and run per backend, and what only
+one framework has) and ``conformance/``. Test file names are unique across the folders (pytest's
+default import mode; there are no ``__init__.py`` files).
+
 ``neutral_ops`` runs a test once per registered backend (:func:`prunekit.contract.backend.backend_names`) and
 skips the backends whose framework or adapter cannot be loaded here, so tests written only
 against :class:`prunekit.contract.ops.Ops` cover every backend that works in this environment.
@@ -88,15 +94,19 @@ XFAILS_DIR = os.path.join(ROOT, "tests", "xfails")
 
 
 def read_xfails(path: str) -> dict:
-    """``{entry: reason}`` from one xfails file. Each line is a test id (``tests/x.py::test_y``,
-    with or without its ``[parameters]``) or a conformance case name, then ``#`` and the reason;
-    lines that start with ``#`` are comments."""
+    """``{entry: reason}`` from one xfails file. Each line is a test id
+    (``tests/<group>/x.py::test_y``, with or without its ``[parameters]``) or a conformance case
+    name, then ``#`` and the reason; lines that start with ``#`` are comments. A test id whose
+    file does not exist (a test moved or renamed) is an error, not an entry that silently
+    matches nothing."""
     entries = {}
     with open(path) as f:
         for number, line in enumerate(f, 1):
             entry, _, reason = (part.strip() for part in line.partition("#"))
             if entry and not reason:
                 raise pytest.UsageError(f"{path}:{number}: {entry!r} has no reason ('# why' after it)")
+            if "::" in entry and not os.path.isfile(os.path.join(ROOT, entry.split("::", 1)[0])):
+                raise pytest.UsageError(f"{path}:{number}: {entry!r} names no test file (moved or renamed?)")
             if entry:
                 entries[entry] = reason
     return entries

@@ -1,4 +1,4 @@
-"""One training run per algorithm for the data-parallel tests (``tests/test_distributed.py``).
+"""One training run per algorithm for the data-parallel tests (``tests/app/test_distributed.py``).
 
 Run as a plain process it trains single-process; launched by ``torchrun`` or ``msrun`` it trains
 data-parallel (each rank its share of the same global batches). Either way it writes, for each
@@ -8,7 +8,7 @@ algorithm, ``<out>/<algorithm>_rank<r>.npz`` holding the final masks (``mask/<la
 Model: ``mnist_cnn`` (no BatchNorm, so data parallel equals the single-process run over the
 same global batches) on real CIFAR-10 images, centre-cropped to 28x28.
 
-    python tests/distributed_worker.py --backend torch --out DIR [--algorithms magnitude,rpg,trp]
+    python tests/app/distributed_worker.py --backend torch --out DIR [--algorithms magnitude,rpg,trp]
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/<group>/<file>
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 

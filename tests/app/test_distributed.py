@@ -1,6 +1,6 @@
 """Data-parallel training: real 2-process runs under torchrun (gloo) and msrun (CPU).
 
-Each run trains ``mnist_cnn`` (no BatchNorm) on real CIFAR-10 images (``tests/distributed_worker.py``)
+Each run trains ``mnist_cnn`` (no BatchNorm) on real CIFAR-10 images (``tests/app/distributed_worker.py``)
 with magnitude pruning, RPG (RigL regrowth from the dense gradient, the rank term) and TRP
 (the rank projection), once data-parallel over 2 processes and once in a single process over
 the same global batches. Checked: both ranks hold bit-identical masks, ranks and weights; masks
@@ -24,9 +24,9 @@ from prunekit.app.distributed import Communicator, ConsistencyGuard, Distributed
 from prunekit.contract.backend import get_backend
 from prunekit.errors import ConfigError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/<group>/<file>
 VENV_BIN = os.path.dirname(sys.executable)
-WORKER = os.path.join(ROOT, "tests", "distributed_worker.py")
+WORKER = os.path.join(ROOT, "tests", "app", "distributed_worker.py")
 #: max |w_data_parallel - w_single| per parameter, after 8 steps. Measured on 2 CPU cores:
 #: magnitude/RPG <= 1.5e-5; TRP 1.5e-4, because its rank projection amplifies float rounding
 #: (a single-process TRP run on 2 threads instead of 1 differs from itself by the same 1.5e-4).

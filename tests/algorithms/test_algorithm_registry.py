@@ -18,7 +18,7 @@ SEVEN = ("magnitude", "rpg", "trp", "sdprun", "dsa", "precrop", "channel")
 #: one non-default setting per algorithm
 ONE_SETTING = {"magnitude": ("sparsity", 0.5), "rpg": ("lam", 0.25), "trp": ("energy", 0.8), "sdprun": ("mu", 0.6),
                "dsa": ("budget", 0.3), "precrop": ("score", "snip"), "channel": ("keep_ratio", 0.4)}
-JOB = Path(__file__).resolve().parent.parent / "prunekit" / "app" / "job.py"
+JOB = Path(__file__).resolve().parents[2] / "prunekit" / "app" / "job.py"
 
 
 def test_the_seven_are_registered_in_order():

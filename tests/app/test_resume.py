@@ -24,7 +24,7 @@ from prunekit.app.cli import main
 from prunekit.errors import ConfigError
 from prunekit.app.job import RunConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/<group>/<file>
 # 256 MNIST images, batch 32: 8 steps an epoch; 1 dense + 2 pruning epochs = 24 steps;
 # checkpoints after steps 3, 6, 8 (end of the dense phase, evaluated), 9, 12, ..., 24
 TINY = ["--model", "mnist_cnn", "--dataset", "mnist", "--train-limit", "256", "--test-limit", "64",

@@ -8,7 +8,7 @@ from prunekit.app.cli import main
 from prunekit.errors import ConfigError
 from prunekit.app.recipe import config_from_mapping, load_recipe
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/<group>/<file>
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "examples", "recipes", "*.yaml")))
 
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import textwrap
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/<group>/<file>
 PACKAGE_DIR = os.path.join(ROOT, "prunekit")
 NEUTRAL_DIRS = (PACKAGE_DIR, os.path.join(ROOT, "conformance"))
 FRAMEWORKS = ("torch", "mindspore", "torchvision")

@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch")
 #: reorder the sums (relative ~1e-6 of logits of order 10); 1e-4 is the stated bound.
 OUTPUT_ATOL = 1e-4
 #: projected weights vs NumPy's rank-r truncation, ‖·‖_F relative: float32 Gram spectra (see
-#: test_lowrank.py's tolerances) give ~1e-5; a wrong subspace or rank gives > 1e-2.
+#: test_spectrum.py's tolerances) give ~1e-5; a wrong subspace or rank gives > 1e-2.
 PROJ_RTOL = 1e-3
 
 
