@@ -12,7 +12,7 @@ Framework differences handled here:
 * ``Conv2d`` uses ``pad_mode="pad"`` with PyTorch's explicit padding and ``has_bias`` as in torch.
 * BatchNorm momentum is defined the other way round: PyTorch's 0.1 is MindSpore's 0.9. MindSpore
   updates the running variance with the unbiased batch variance, as PyTorch does (checked by
-  ``tests/test_twins.py``). eps is 1e-5 in both.
+  ``tests/backends/test_twins.py``). eps is 1e-5 in both.
 * An empty shortcut is an empty ``SequentialCell`` (identity, no parameters), as in torch.
 * The option-A shortcut avoids two MindSpore 2.10 CPU gradient bugs: a strided slice's
   gradient fails in PyNative, and ``ops.pad``'s gradient is wrong inside ``mindspore.jit``
