@@ -51,3 +51,23 @@ def state_at_pruned(kit, optimizer, handle, where: dict) -> float:
         for v in state.get(name, ()):
             worst = max(worst, float(np.abs(v[mask]).sum()))
     return worst
+
+
+def check_qr_and_eigh(ops):
+    """QR and eigh of an ops object: batches, R's triangle, eigenvalues ascending, eigenvectors in
+    columns, single and batched matrices (the conformance case has one matrix of each)."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, 6, 4)).astype(np.float32)
+    q, r = (ops.to_numpy(t) for t in ops.qr(ops.asarray(x)))
+    assert q.shape == (3, 6, 4) and r.shape == (3, 4, 4)
+    np.testing.assert_allclose(q @ r, x, atol=1e-5)
+    np.testing.assert_allclose(np.swapaxes(q, -1, -2) @ q, np.broadcast_to(np.eye(4), (3, 4, 4)), atol=1e-5)
+    np.testing.assert_array_equal(np.tril(r, -1), 0)
+    a = rng.standard_normal((2, 5, 5))
+    sym = (a + np.swapaxes(a, -1, -2)).astype(np.float32)
+    for mat in (sym, sym[0]):
+        w, v = (ops.to_numpy(t) for t in ops.eigh(ops.asarray(mat)))
+        assert w.shape == mat.shape[:-1] and v.shape == mat.shape
+        np.testing.assert_allclose(w, np.linalg.eigvalsh(mat.astype(np.float64)), atol=1e-4)
+        assert np.all(np.diff(w, axis=-1) >= 0)
+        np.testing.assert_allclose(mat @ v, v * w[..., None, :], atol=1e-4)

@@ -19,7 +19,7 @@ this file, chosen by the backend's name. What only one framework has is in
 import numpy as np
 import pytest
 
-from backend_helpers import kit_for, nonzero_at, pruned, random_batches, state_at_pruned, tiny_handle
+from backend_helpers import check_qr_and_eigh, kit_for, nonzero_at, pruned, random_batches, state_at_pruned, tiny_handle
 from prunekit.algorithms import make_algorithm
 from prunekit.contract.ops import fix_svd_signs
 from prunekit.contract.reference_models import MODELS
@@ -221,20 +221,7 @@ class TestOps:
 
     def test_batched_qr_and_eigh(self, ops):
         """Batches, R's triangle and eigenvalue order (the case: one matrix each)."""
-        rng = np.random.default_rng(7)
-        x = rng.standard_normal((3, 6, 4)).astype(np.float32)
-        q, r = (ops.to_numpy(t) for t in ops.qr(ops.asarray(x)))
-        assert q.shape == (3, 6, 4) and r.shape == (3, 4, 4)
-        np.testing.assert_allclose(q @ r, x, atol=1e-5)
-        np.testing.assert_allclose(np.swapaxes(q, -1, -2) @ q, np.broadcast_to(np.eye(4), (3, 4, 4)), atol=1e-5)
-        np.testing.assert_array_equal(np.tril(r, -1), 0)
-        a = rng.standard_normal((2, 5, 5))
-        sym = (a + np.swapaxes(a, -1, -2)).astype(np.float32)
-        w, v = (ops.to_numpy(t) for t in ops.eigh(ops.asarray(sym)))
-        assert w.shape == (2, 5) and v.shape == (2, 5, 5)
-        np.testing.assert_allclose(w, np.linalg.eigvalsh(sym.astype(np.float64)), atol=1e-4)
-        assert np.all(np.diff(w, axis=-1) >= 0)                                       # ascending
-        np.testing.assert_allclose(sym @ v, v * w[..., None, :], atol=1e-4)           # eigenvectors in columns
+        check_qr_and_eigh(ops)
 
     def test_sort_and_kth_largest_edges(self, ops):
         """A 0-d result, every k of small sizes (1, 2, 33), k = n, heavy ties (the case: 4 k of 35)."""

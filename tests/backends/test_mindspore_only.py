@@ -13,7 +13,7 @@ ms = pytest.importorskip("mindspore")
 import mindspore.nn as nn  # noqa: E402
 import mindspore.ops as msops  # noqa: E402
 
-from backend_helpers import nonzero_at, pruned, random_batches, state_at_pruned, tiny_handle  # noqa: E402
+from backend_helpers import check_qr_and_eigh, nonzero_at, pruned, random_batches, state_at_pruned, tiny_handle  # noqa: E402
 import mindspore_kit as kit  # noqa: E402
 from prunekit.algorithms import make_algorithm  # noqa: E402
 from prunekit.backends.mindspore import (BACKEND, PruningCallback, PruningSession,  # noqa: E402
@@ -92,21 +92,7 @@ def test_linalg_modes_from_environment(monkeypatch):
 @pytest.mark.parametrize("ops", [HOST, MindSporeOps(eigh="device")], ids=["host", "device"])
 def test_qr_and_eigh_modes(ops):
     """QR and eigh on the host path, eigh on the device path (the default is the template's and the case's)."""
-    rng = np.random.default_rng(7)
-    x = rng.standard_normal((3, 6, 4)).astype(np.float32)
-    q, r = (ops.to_numpy(t) for t in ops.qr(ops.asarray(x)))
-    assert q.shape == (3, 6, 4) and r.shape == (3, 4, 4)
-    np.testing.assert_allclose(q @ r, x, atol=1e-5)
-    np.testing.assert_allclose(np.swapaxes(q, -1, -2) @ q, np.broadcast_to(np.eye(4), (3, 4, 4)), atol=1e-5)
-    np.testing.assert_array_equal(np.tril(r, -1), 0)
-    a = rng.standard_normal((2, 5, 5))
-    sym = (a + np.swapaxes(a, -1, -2)).astype(np.float32)
-    for mat in (sym, sym[0]):                                    # batched and single
-        w, v = (ops.to_numpy(t) for t in ops.eigh(ops.asarray(mat)))
-        assert w.shape == mat.shape[:-1] and v.shape == mat.shape
-        np.testing.assert_allclose(w, np.linalg.eigvalsh(mat.astype(np.float64)), atol=1e-4)
-        assert np.all(np.diff(w, axis=-1) >= 0)                  # ascending
-        np.testing.assert_allclose(mat @ v, v * w[..., None, :], atol=1e-4)   # eigenvectors in columns
+    check_qr_and_eigh(ops)
 
 
 # ====================================================================== models, names, devices
