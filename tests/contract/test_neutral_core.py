@@ -123,17 +123,18 @@ def _framework_imports(path):
     return hits
 
 
+def _python_files(*tops):
+    """Every ``.py`` file below the given folders (``__pycache__`` left out)."""
+    for top in tops:
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+            yield from (os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py"))
+
+
 def test_no_framework_import_statement_in_package():
-    offenders = []
-    count = 0
-    for dirpath, dirnames, filenames in os.walk(PACKAGE_DIR):
-        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
-        for f in filenames:
-            if f.endswith(".py"):
-                count += 1
-                path = os.path.join(dirpath, f)
-                offenders += [f"{os.path.relpath(path, ROOT)}:{line}: {mod}" for line, mod in _framework_imports(path)]
-    assert count >= 10  # the walk really saw the package
+    paths = list(_python_files(PACKAGE_DIR))
+    offenders = [f"{os.path.relpath(path, ROOT)}:{line}: {mod}" for path in paths for line, mod in _framework_imports(path)]
+    assert len(paths) >= 10  # the walk really saw the package
     assert offenders == []
 
 
@@ -189,19 +190,13 @@ def _framework_names(source: str, filename: str = "<source>"):
 
 
 def test_neutral_layers_name_no_framework():
+    paths = list(_python_files(*NEUTRAL_DIRS))
     offenders = []
-    count = 0
-    for top in NEUTRAL_DIRS:
-        for dirpath, dirnames, filenames in os.walk(top):
-            dirnames[:] = [d for d in dirnames if d != "__pycache__"]
-            for f in filenames:
-                if f.endswith(".py"):
-                    count += 1
-                    path = os.path.join(dirpath, f)
-                    with open(path, encoding="utf-8") as fh:
-                        hits = _framework_names(fh.read(), path)
-                    offenders += [f"{os.path.relpath(path, ROOT)}:{line}: {text[:60]!r}" for line, text in hits]
-    assert count >= 10  # the walk really saw the package
+    for path in paths:
+        with open(path, encoding="utf-8") as fh:
+            hits = _framework_names(fh.read(), path)
+        offenders += [f"{os.path.relpath(path, ROOT)}:{line}: {text[:60]!r}" for line, text in hits]
+    assert len(paths) >= 10  # the walk really saw the package
     assert offenders == [], "framework names in the neutral layers (move them into the backend):\n" + "\n".join(offenders)
 
 
@@ -257,12 +252,8 @@ def _layer_violations(path: str, layer: str):
 
 
 def test_layers_import_only_downward():
-    violations = []
-    for layer in LAYERS:
-        for dirpath, _, filenames in os.walk(os.path.join(PACKAGE_DIR, layer)):
-            for f in filenames:
-                if f.endswith(".py"):
-                    violations += _layer_violations(os.path.join(dirpath, f), layer)
+    violations = [v for layer in LAYERS for path in _python_files(os.path.join(PACKAGE_DIR, layer))
+                  for v in _layer_violations(path, layer)]
     assert not violations, "upward imports: " + "; ".join(violations)
     # the top-level package holds only the layers, the exceptions and the entry points
     top = sorted(f for f in os.listdir(PACKAGE_DIR) if f.endswith(".py"))
