@@ -9,6 +9,8 @@ One sub-package per framework, with the same file names in each:
 * ``ops.py``     the neutral tensor API (:class:`prunekit.contract.ops.Ops`) on the framework's tensors
 * ``layers.py``  discovery of prunable layers and the :class:`prunekit.contract.handle.ModelHandle`
 * ``models.py``  the reference models, one parameter-naming scheme across frameworks
+* ``zoo.py``     models named by a source (``torchvision:resnet18``, ``mindcv:...``, ``package.module:function``)
+  and weight files in the framework's own format
 * ``driver.py``  training-loop integration: the session's tensor work (masking gradients, optimizer
   state and weights; the life cycle is :mod:`prunekit.app.session`'s) and the ``Trainer``
 * ``fused.py``   fused paths of the driver (multi-tensor ops; compiled graphs)
@@ -32,10 +34,12 @@ BUILTIN = (
         name="torch", module="prunekit.backends.torch", framework="torch", title="PyTorch",
         aliases=("pytorch",), default=True,
         launcher="torchrun --nproc_per_node=N -m prunekit run ...",
-        export_formats={"onnx": ".onnx", "torch": ".pt"}),
+        export_formats={"onnx": ".onnx", "torch": ".pt"},
+        weight_suffixes=(".pt", ".pth"), model_sources={"torchvision": "torchvision", "timm": "timm"}),
     BackendSpec(
         name="mindspore", module="prunekit.backends.mindspore", framework="mindspore", title="MindSpore",
         aliases=("ms",),
         launcher="msrun --worker_num=N --local_worker_num=N --join=True $(which prunekit) run ...",
-        export_formats={"mindir": ".mindir", "mindspore-ckpt": ".ckpt"}),
+        export_formats={"mindir": ".mindir", "mindspore-ckpt": ".ckpt"},
+        weight_suffixes=(".ckpt",), model_sources={"mindcv": "mindcv"}),
 )

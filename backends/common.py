@@ -59,6 +59,24 @@ class DelegatingBackend(Backend):
     def wrap(self, model: Any, input_shape: Sequence[int], model_name: str = "model"):
         return self.handle_class(model, input_shape, model_name)
 
+    # models named by a source, and weight files in the framework's format (``zoo.py``)
+    def source_model_handle(self, source, num_classes: int, in_channels: int, image_size: int, seed: int = 0,
+                            device: Optional[str] = None):
+        model = self._module("zoo").build_network(source, num_classes, in_channels, seed, device)
+        return self.handle_class(model, (in_channels, image_size, image_size), source.text)
+
+    def check_model_source(self, source) -> None:
+        self._module("zoo").check_source(source)
+
+    def read_weights(self, path: str) -> Dict[str, np.ndarray]:
+        return self._module("zoo").read_weights(path)
+
+    def native_state_shapes(self, handle) -> Dict[str, Tuple[int, ...]]:
+        return self._module("zoo").state_shapes(handle)
+
+    def load_weights(self, handle, weights: Dict[str, np.ndarray]) -> None:
+        self._module("zoo").load_weights(handle, weights)
+
     # ------------------------------------------------------------------ channels
     def norm_layers(self, handle) -> List[Tuple[str, int]]:
         return self._module("channels").norm_layers(handle)

@@ -55,6 +55,7 @@ import numpy as np
 from prunekit.contract.handle import ModelHandle
 from prunekit.contract.layers import require_prunable, signature
 from prunekit.contract.ops import Tensor
+from prunekit.contract.reference_models import MODELS
 from prunekit.decisions.plan import PruningPlan
 from prunekit.errors import ModelError, PlanError
 
@@ -290,7 +291,13 @@ def check_finite_weights(handle: ModelHandle, layers) -> None:
 
 
 def apply_plan(handle: ModelHandle, plan: PruningPlan) -> Dict[str, Tensor]:
-    """Replay a plan's masks onto a model (checked first; nothing changes on a mismatch)."""
+    """Replay a plan's masks onto a model (checked first; nothing changes on a mismatch). Only the
+    reference models replay across backends: a plan of another model applies on its own backend."""
+    own = getattr(handle, "backend", "")
+    if plan.backend and own and plan.backend != own and plan.model and plan.model not in MODELS:
+        raise PlanError(f"plan was made for model {plan.model!r} on backend {plan.backend!r}; only the reference "
+                        f"models ({', '.join(MODELS)}) replay across backends, so it applies on {plan.backend!r} "
+                        f"only, not on {own!r}")
     plan.check_matches(handle.layers, handle.model_name)
     check_finite_weights(handle, handle.layers)
     ops = handle.ops

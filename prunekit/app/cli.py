@@ -31,9 +31,34 @@ def _none_or_int(text: str):
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     d = RunConfig()
     p.add_argument("--backend", default=d.backend, help=f"{', '.join(backend_names())} (default %(default)s)")
-    p.add_argument("--model", default=d.model, help="reference model, see `prunekit list` (default %(default)s)")
-    p.add_argument("--dataset", default=d.dataset, help="cifar10, mnist or fashion_mnist (default %(default)s)")
-    p.add_argument("--data-root", default=None, help="data folder (cifar-10-batches-py, the JPEG zips, or idx files)")
+    from prunekit.app.data import DATASETS
+    from prunekit.app.model_sources import describe_sources
+    from prunekit.contract.reference_models import MODELS
+    p.add_argument("--model", default=d.model,
+                   help=f"a reference model ({', '.join(MODELS)}; the only ones whose plans replay across backends), "
+                        f"or {describe_sources()} (default %(default)s)")
+    p.add_argument("--model-arg", dest="model_args", action="append", default=[], metavar="KEY=VALUE",
+                   help="a keyword argument of a source or factory model (repeatable; value read as YAML; "
+                        "model_args in a recipe)")
+    p.add_argument("--num-classes", type=int, default=d.num_classes,
+                   help="classes of the model's output (default: the data set's; must match it)")
+    p.add_argument("--input-size", type=int, default=d.input_size,
+                   help="folder data set: images resized (shorter side) and center-cropped to this (default 64)")
+    p.add_argument("--weights", default=d.weights, metavar="FILE",
+                   help="start from trained weights: a .npz of shared names, or the backend's own format ("
+                        + ", ".join(f"{'/'.join(s.weight_suffixes)} for {s.name}" for s in backend_specs()
+                                    if s.weight_suffixes)
+                        + "), checked against the model before training")
+    p.add_argument("--dataset", default=d.dataset,
+                   help=f"{', '.join(DATASETS)} (folder: --data-root DIR with train/ and val/, or one sub-folder "
+                        "per class; default %(default)s)")
+    p.add_argument("--data-root", default=None,
+                   help="data folder (cifar-10-batches-py, the JPEG zips, idx files, or an image folder)")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help="folder data set without val/: share of each class held out for testing (default %(default)s)")
+    p.add_argument("--normalization", default=d.normalization,
+                   help="computed, imagenet or MEAN/STD, e.g. 0.5,0.5,0.5/0.25,0.25,0.25 (default: the data set's "
+                        "statistics; computed from the training images for a folder)")
     p.add_argument("--algorithm", default=d.algorithm,
                    help=f"pruning algorithm: {', '.join(algorithm_names())} (default %(default)s)")
     p.add_argument("--sparsity", type=float, default=d.sparsity, help="final sparsity in [0, 1) (default %(default)s)")
@@ -88,7 +113,7 @@ def explicit_options(parser: argparse.ArgumentParser, argv: List[str]) -> set:
     return given
 
 
-def parse_settings(items: List[str]) -> dict:
+def parse_settings(items: List[str], option: str = "--set") -> dict:
     """``["lam=0.5", "semantics=release"]`` -> ``{"lam": 0.5, "semantics": "release"}``."""
     import yaml
 
@@ -96,7 +121,7 @@ def parse_settings(items: List[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+            raise ConfigError(f"{option} expects KEY=VALUE, got {item!r}")
         try:
             out[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError:
@@ -108,7 +133,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="prunekit", description="Neural-network pruning on "
                                      + " and ".join(s.title or s.name for s in backend_specs()) + ".")
     sub = parser.add_subparsers(dest="command", required=True)
-    run_parser = sub.add_parser("run", help="train, prune and report on a reference model")
+    run_parser = sub.add_parser("run", help="train, prune and report on a reference model or your own")
     _add_run_args(run_parser)
     conf = sub.add_parser("conformance", help="check that the backends make identical decisions")
     conf.add_argument("--backends", default=",".join(backend_names()))
@@ -138,6 +163,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             fields = {f.name for f in dataclasses.fields(RunConfig)}
             values = {k: v for k, v in vars(args).items() if k in fields}
             values["params"] = parse_settings(values.get("params", []))
+            values["model_args"] = parse_settings(values.get("model_args", []), "--model-arg")
             if args.recipe:
                 from prunekit.app.recipe import load_recipe
                 given = explicit_options(run_parser, list(argv if argv is not None else sys.argv[1:]))
@@ -168,8 +194,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         if args.command == "list":
             from prunekit.app.data import DATASETS
+            from prunekit.app.model_sources import available_sources
             from prunekit.contract.reference_models import MODELS
-            print("models:     " + ", ".join(MODELS))
+            print("models:     " + ", ".join(MODELS) + " (reference models: plans replay across backends)")
+            sources = available_sources()
+            print("sources:    " + "; ".join(f"{', '.join(f'{s}:NAME' for s in v)} ({b})" for b, v in sources.items())
+                  + ("; " if sources else "") + "package.module:function (your factory, any backend)")
             print("algorithms: " + ", ".join(algorithm_names()) + (f" (planned: {', '.join(PLANNED)})" if PLANNED else ""))
             print("backends:   " + ", ".join(backend_names()))
             print("datasets:   " + ", ".join(DATASETS))

@@ -59,7 +59,7 @@ from PIL import Image
 
 from prunekit.errors import ConfigError, DataError
 
-DATASETS = ("cifar10", "mnist", "fashion_mnist")
+DATASETS = ("cifar10", "mnist", "fashion_mnist", "folder")  # folder: a user's images (image_folder.py)
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
@@ -154,17 +154,22 @@ def check_dataset_name(name: str) -> str:
 
 
 def load_dataset(name: str, root: str | os.PathLike | None = None, train_limit: int | None = None,
-                 test_limit: int | None = None, cache_dir: str | os.PathLike | None = None) -> Dataset:
+                 test_limit: int | None = None, cache_dir: str | os.PathLike | None = None,
+                 **folder_options) -> Dataset:
     """Load ``name`` (one of :data:`DATASETS`), optionally a class-balanced subset.
 
     ``root`` overrides where the files are looked for (see :func:`find_cifar10` and
-    :func:`find_mnist`); ``cache_dir`` is only used by the CIFAR-10 zip layout.
+    :func:`find_mnist`); ``cache_dir`` is only used by the CIFAR-10 zip layout. ``"folder"`` is
+    :func:`prunekit.app.image_folder.load_image_folder`, which takes ``folder_options``.
     """
     key = check_dataset_name(name)
     for what, limit in (("train_limit", train_limit), ("test_limit", test_limit)):
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer))
                                   or limit < 1):
             raise ConfigError(f"{what} must be a positive integer or None, got {limit!r}")
+    if key == "folder":
+        from prunekit.app.image_folder import load_image_folder
+        return load_image_folder(root, train_limit=train_limit, test_limit=test_limit, **folder_options)
     if key == "cifar10":
         folder = find_cifar10(root)
         train = _load_cifar10_split(folder, "train", train_limit, cache_dir)

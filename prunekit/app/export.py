@@ -61,6 +61,7 @@ class ModelStructure:
     kept_channels: Dict[str, List[int]] = field(default_factory=dict)  # group name -> kept indices (compaction)
     scheme: str = ""                                                   # TRP decomposition scheme
     ranks: Dict[str, int] = field(default_factory=dict)                # decomposed conv -> rank
+    model_args: Dict[str, object] = field(default_factory=dict)        # keyword arguments of a source/factory model
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -85,7 +86,8 @@ class ModelStructure:
     def to_dict(self) -> dict:
         return {"format": STRUCTURE_FORMAT, "model": self.model, "num_classes": self.num_classes,
                 "in_channels": self.in_channels, "image_size": self.image_size, "width": self.width,
-                "kept_channels": self.kept_channels, "decomposition": {"scheme": self.scheme, "ranks": self.ranks}}
+                "kept_channels": self.kept_channels, "decomposition": {"scheme": self.scheme, "ranks": self.ranks},
+                **({"model_args": self.model_args} if self.model_args else {})}
 
     @classmethod
     def from_dict(cls, doc: dict, where: str = "structure") -> "ModelStructure":
@@ -97,7 +99,8 @@ class ModelStructure:
             s = cls(model=str(doc["model"]), num_classes=int(doc["num_classes"]), in_channels=int(doc["in_channels"]),
                     image_size=int(doc["image_size"]), width=int(doc.get("width", 1)),
                     kept_channels={str(k): [int(i) for i in v] for k, v in (doc.get("kept_channels") or {}).items()},
-                    scheme=str(dec.get("scheme") or ""), ranks={str(k): int(v) for k, v in (dec.get("ranks") or {}).items()})
+                    scheme=str(dec.get("scheme") or ""), ranks={str(k): int(v) for k, v in (dec.get("ranks") or {}).items()},
+                    model_args=dict(doc.get("model_args") or {}))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PlanError(f"{where} is damaged: {type(e).__name__}: {e}") from None
         if s.ranks and not s.scheme:
@@ -128,9 +131,10 @@ class ModelStructure:
         :class:`~prunekit.contract.backend.Backend`), holding ``state`` when given (every shared
         name and shape must match)."""
         from prunekit.algorithms.trp import decomposition_factors
+        from prunekit.app.model_sources import build_handle
 
-        handle = backend.model_handle(self.model, self.num_classes, self.in_channels, self.image_size, seed=0,
-                                      width=self.width)
+        handle = build_handle(backend, self.model, self.num_classes, self.in_channels, self.image_size, seed=0,
+                              width=self.width, model_args=self.model_args)
         if self.kept_channels:
             handle = backend.compact(handle, {k: list(v) for k, v in self.kept_channels.items()})
         if self.ranks:
@@ -196,12 +200,16 @@ def load_run(run_dir: str) -> Tuple[ModelStructure, Dict[str, np.ndarray], str]:
     state = read_state(os.path.join(run_dir, "weights.npz"))
     run = report.get("run") or {}
     model, dataset = report.get("model"), run.get("dataset")
-    if not model or dataset not in DATASET_GEOMETRY:
+    recorded = all(isinstance(run.get(k), int) for k in ("num_classes", "in_channels", "image_size"))
+    if not model or (dataset not in DATASET_GEOMETRY and not recorded):
         raise PlanError(f"report {os.path.join(run_dir, 'report.json')} does not name a model and a known data set "
                         f"(model {model!r}, data set {dataset!r})")
     backend_name = check_backend_name(run.get("backend") or report.get("backend") or default_backend_name())
-    classes, channels, size = DATASET_GEOMETRY[dataset]
-    structure = ModelStructure(model=model, num_classes=classes, in_channels=channels, image_size=size)
+    # the run's recorded geometry (an image folder's classes and size), else the data set's
+    classes, channels, size = ((run["num_classes"], run["in_channels"], run["image_size"]) if recorded
+                               else DATASET_GEOMETRY[dataset])
+    structure = ModelStructure(model=model, num_classes=classes, in_channels=channels, image_size=size,
+                               model_args=dict(run.get("model_args") or {}))
     dec = report.get("decomposition")
     if dec:
         structure.scheme = str(dec.get("scheme") or "")
@@ -373,6 +381,8 @@ def export_run(run_dir: str, fmt: str, out: Optional[str] = None, check_batch: i
     if not isinstance(check_batch, int) or check_batch < 1:
         raise ConfigError(f"check_batch must be a positive integer, got {check_batch!r}")
     structure, state, source = load_run(run_dir)
+    from prunekit.app.model_sources import check_replay
+    check_replay(structure.model, source, writer.name, f"{fmt} export")
     out = out or os.path.join(run_dir, "model" + suffix)
     if not out.endswith(suffix):
         raise ConfigError(f"{fmt} output {out!r} must end in {suffix}")

@@ -22,14 +22,13 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from prunekit.algorithms import DEFAULT_ALGORITHM, algorithm_class, algorithm_config, make_algorithm, setting_types
-from prunekit.app import checkpoint
+from prunekit.app import checkpoint, run_inputs
 from prunekit.app import data as datasets
 from prunekit.app.distributed import check_batch_size, parallel_backend, start_distributed
 from prunekit.app.plots import write_run_plots
 from prunekit.app.report import build_report, format_report, save_report
 from prunekit.app.run_state import RunProgress
 from prunekit.contract.backend import check_backend_name, default_backend_name, get_backend
-from prunekit.contract.reference_models import check_model_name
 from prunekit.decisions.flops import count_handle
 from prunekit.decisions.selection import check_sparsity
 from prunekit.errors import ConfigError
@@ -69,13 +68,20 @@ class RunConfig:
     resume: bool = False  # continue from <out>/checkpoint (an error if there is none)
     deterministic: bool = False  # deterministic kernels, one thread: bitwise-reproducible resumes on CPU
     latency_batch: int = 64  # channel pruning: batch of the dense-vs-compacted inference timing (0: none)
+    # a user's own model, weights and images (prunekit.app.run_inputs)
+    model_args: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of a source/factory model
+    num_classes: Optional[int] = None  # the model's classes (default: the data set's; must match it)
+    input_size: Optional[int] = None  # folder data set: images resized/cropped to this (default 64)
+    weights: Optional[str] = None  # start from these weights (.npz of shared names, or the backend's format)
+    val_fraction: float = 0.2  # folder data set without val/: share of each class held out for testing
+    normalization: Optional[str] = None  # computed, imagenet or MEAN/STD (default: the data set's own)
 
     def validate(self) -> "RunConfig":
         self.backend = check_backend_name(self.backend)
-        self.model = check_model_name(self.model)
         self.algorithm = algorithm_class(self.algorithm).name
         self.sparsity = check_sparsity(self.sparsity)
         self.dataset = datasets.check_dataset_name(self.dataset)
+        run_inputs.check_settings(self)  # the model (reference, source or factory) and its inputs
         for key in ("dense_epochs", "prune_epochs"):
             v = getattr(self, key)
             if not isinstance(v, int) or v < 0:
@@ -133,7 +139,7 @@ def _train_epochs(trainer, ds, cfg: RunConfig, epochs: int, first_epoch: int, de
     for epoch in range(first_epoch + done // steps_per_epoch, first_epoch + epochs):
         start = done % steps_per_epoch if epoch == first_epoch + done // steps_per_epoch else 0
         for i, (x, y) in enumerate(datasets.batches(ds.x_train, ds.y_train, cfg.batch_size, seed=cfg.seed, epoch=epoch,
-                                                     augment=cfg.augment and ds.name == "cifar10",
+                                                     augment=cfg.augment and ds.name in ("cifar10", "folder"),
                                                      mean=ds.mean, std=ds.std, start_batch=start), start):
             loss = trainer.train_step(x, y)
             if progress is not None:
@@ -176,12 +182,12 @@ def run(cfg: RunConfig, echo=print) -> dict:
         checkpoint.check_identity(saved["identity"], identity, checkpoint.checkpoint_path(cfg.out))
     if cfg.deterministic:
         backend.make_deterministic()
-    ds = datasets.load_dataset(cfg.dataset, root=cfg.data_root, train_limit=cfg.train_limit, test_limit=cfg.test_limit)
+    run_inputs.preflight(backend, cfg)
+    ds = run_inputs.load_data(cfg, progress=cfg.progress)
     # bi-level algorithms: the weights train on the rest (the fraction is known before the steps are)
     fraction = make_algorithm(cfg.algorithm, **cfg.algorithm_kwargs()).held_out_fraction
     ds, held_out = _split_held_out(ds, cfg, fraction)
-    handle = backend.model_handle(cfg.model, ds.num_classes, ds.in_channels, ds.image_size, seed=cfg.seed,
-                                  device=cfg.device)
+    handle = run_inputs.build_model(backend, cfg, ds, echo)
     steps_per_epoch = datasets.num_batches(len(ds.y_train), cfg.batch_size)
     if steps_per_epoch < 1:
         raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(ds.y_train)} training images")
@@ -261,7 +267,7 @@ def run(cfg: RunConfig, echo=print) -> dict:
                 "train_seconds": round(dense_seconds + prune_seconds, 1), "seed": cfg.seed,
                 "checkpoints": progress.checkpoints_written or None,
                 "checkpoint_seconds": round(progress.seconds["checkpoint"], 2) if progress.checkpoints_written else None,
-                "resumed_at_steps": progress.resumed_at or None}
+                "resumed_at_steps": progress.resumed_at or None, **run_inputs.run_info(cfg, ds)}
     report = build_report(handle, accuracy, run_info, ranks=algorithm.ranks, extra=extra)
     report["algorithm_config"] = _config_record(algorithm.config)
     report["trajectory"] = progress.trajectory

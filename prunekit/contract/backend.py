@@ -86,6 +86,38 @@ class Backend(abc.ABC):
         """A :class:`ModelHandle` for a user's own network ``model`` (a framework module) taking
         inputs of ``input_shape`` (C, H, W); its weights are left as they are."""
 
+    def source_model_handle(self, source, num_classes: int, in_channels: int, image_size: int, seed: int = 0,
+                            device: Optional[str] = None):
+        """A :class:`ModelHandle` for a model named by a source other than the reference models
+        (:class:`prunekit.app.model_sources.ModelSource`: a model of one of
+        :attr:`BackendSpec.model_sources`, or a user's factory), built with the framework's own
+        initialisation seeded by ``seed``. Backends without model sources refuse."""
+        raise ConfigError(f"backend {self.name!r} builds only the reference models, not {source.text!r}")
+
+    def check_model_source(self, source) -> None:
+        """Raise :class:`ConfigError` unless ``source`` names a model this backend can build (the
+        source's package is imported; nothing is built). Backends without model sources refuse."""
+        raise ConfigError(f"backend {self.name!r} builds only the reference models, not {source.text!r}")
+
+    @property
+    def weight_suffixes(self) -> Tuple[str, ...]:
+        """Suffixes of the weight files in this framework's own format (:meth:`read_weights`)."""
+        return tuple(self.spec.weight_suffixes)
+
+    def read_weights(self, path: str) -> Dict[str, np.ndarray]:
+        """A weights file in this framework's own format as ``{entry name: array}``, named as the
+        framework names a model's state, read without running code from the file;
+        :meth:`load_weights` puts them into a model. Backends without a format refuse."""
+        raise ConfigError(f"backend {self.name!r} reads no weight files of its own; use a .npz of shared names")
+
+    def native_state_shapes(self, handle) -> Dict[str, Tuple[int, ...]]:
+        """``{entry name: shape}`` of the handle's model state as :meth:`read_weights` names it."""
+        raise ConfigError(f"backend {self.name!r} reads no weight files of its own")
+
+    def load_weights(self, handle, weights: Dict[str, np.ndarray]) -> None:
+        """Put weights read by :meth:`read_weights` (already checked against the model) into the model."""
+        raise ConfigError(f"backend {self.name!r} reads no weight files of its own")
+
     # ------------------------------------------------------------------ training
     @property
     @abc.abstractmethod
@@ -220,6 +252,9 @@ class BackendSpec:
     default: bool = False          # the default backend (at most one)
     launcher: str = ""             # command line that starts a data-parallel run
     export_formats: Mapping[str, str] = field(default_factory=dict)  # format -> default file suffix
+    weight_suffixes: Tuple[str, ...] = ()  # suffixes of weight files in the framework's own format (--weights)
+    #: model sources this backend builds (``--model <source>:<name>``): source -> import name of its package
+    model_sources: Mapping[str, str] = field(default_factory=dict)
 
 
 _SPECS: Dict[str, BackendSpec] = {}
