@@ -1,6 +1,7 @@
 """Small image folders for the tests, cut from the shared CIFAR-10 JPEG zips (bytes copied as they are)."""
 from __future__ import annotations
 
+import functools
 import os
 import zipfile
 from pathlib import Path
@@ -25,12 +26,17 @@ def make_image_folder(root: Path, per_class: int = 8, val_per_class: int = 4, cl
     for split, zsplit, count in (("train", "train", per_class), ("val", "test", val_per_class)):
         if not split_layout and split == "val":
             break
-        with zipfile.ZipFile(cifar_zip(zsplit)) as z:
-            names = sorted(z.namelist())
-            for c in classes:
-                members = [n for n in names if n.startswith(f"{zsplit}/{c}/") and n.endswith(".jpg")][:count]
-                folder = root / split / c if split_layout else root / c
-                folder.mkdir(parents=True, exist_ok=True)
-                for m in members:
-                    (folder / os.path.basename(m)).write_bytes(z.read(m))
+        for c in classes:
+            folder = root / split / c if split_layout else root / c
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, raw in _jpegs(zsplit, c)[:count]:
+                (folder / name).write_bytes(raw)
     return root
+
+
+@functools.lru_cache(maxsize=None)
+def _jpegs(split: str, cls: str, most: int = 12):
+    """``(file name, JPEG bytes)`` of the first ``most`` images of a class of a CIFAR-10 zip (read once)."""
+    with zipfile.ZipFile(cifar_zip(split)) as z:
+        members = sorted(n for n in z.namelist() if n.startswith(f"{split}/{cls}/") and n.endswith(".jpg"))[:most]
+        return tuple((os.path.basename(m), z.read(m)) for m in members)
