@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from prunekit.contract.backend import Backend
+from prunekit.errors import ModelError, PrunekitError
 
 
 class DelegatingBackend(Backend):
@@ -63,7 +64,15 @@ class DelegatingBackend(Backend):
     def source_model_handle(self, source, num_classes: int, in_channels: int, image_size: int, seed: int = 0,
                             device: Optional[str] = None):
         model = self._module("zoo").build_network(source, num_classes, in_channels, seed, device)
-        return self.handle_class(model, (in_channels, image_size, image_size), source.text)
+        shape = (in_channels, image_size, image_size)
+        try:
+            return self.handle_class(model, shape, source.text)  # discovery runs one probe forward
+        except PrunekitError:
+            raise
+        except Exception as e:  # the user's network failed on the run's input
+            raise ModelError(f"model {source.text!r} fails on an input of shape {shape}: {type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''} (another --input-size, "
+                             "or model_args, may fit it)") from None
 
     def check_model_source(self, source) -> None:
         self._module("zoo").check_source(source)

@@ -33,3 +33,15 @@ def tiny_mindspore(num_classes=10, in_channels=3, width=4):
 
 def not_a_network(num_classes=10):
     return "a string"
+
+
+def needs_64(num_classes=10):
+    """A network that accepts 64x64 images only (as many fixed-size models do)."""
+    import torch.nn as nn
+
+    class Fixed(nn.Linear):
+        def forward(self, x):
+            assert x.shape[-1] == 64, f"expected 64x64 images, got {tuple(x.shape[-2:])}"
+            return super().forward(x.flatten(1))
+
+    return Fixed(3 * 64 * 64, num_classes)

@@ -62,6 +62,9 @@ def test_unknown_names_of_a_source_and_bad_factories_are_refused():
         build_handle(torch_backend, "own_models:not_a_network", 3, 3, 16)
     with pytest.raises(ConfigError, match="own_models has no callable 'nothing'"):
         build_handle(torch_backend, "own_models:nothing", 3, 3, 16)
+    with pytest.raises(ModelError, match=r"fails on an input of shape \(3, 16, 16\): AssertionError: expected 64x64"):
+        build_handle(torch_backend, "own_models:needs_64", 3, 3, 16)
+    assert len(build_handle(torch_backend, "own_models:needs_64", 3, 3, 64).layers) == 1
 
 
 def test_weight_paths_are_checked_before_reading(tmp_path):
