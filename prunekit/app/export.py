@@ -133,8 +133,12 @@ class ModelStructure:
         from prunekit.algorithms.trp import decomposition_factors
         from prunekit.app.model_sources import build_handle
 
-        handle = build_handle(backend, self.model, self.num_classes, self.in_channels, self.image_size, seed=0,
-                              width=self.width, model_args=self.model_args)
+        if ":" in self.model:  # a source or factory model (its backend: a Backend, not a backend package)
+            handle = build_handle(backend, self.model, self.num_classes, self.in_channels, self.image_size, seed=0,
+                                  width=self.width, model_args=self.model_args)
+        else:
+            handle = backend.model_handle(self.model, self.num_classes, self.in_channels, self.image_size, seed=0,
+                                          width=self.width)
         if self.kept_channels:
             handle = backend.compact(handle, {k: list(v) for k, v in self.kept_channels.items()})
         if self.ranks:
