@@ -291,10 +291,12 @@ def check_finite_weights(handle: ModelHandle, layers) -> None:
 
 
 def apply_plan(handle: ModelHandle, plan: PruningPlan) -> Dict[str, Tensor]:
-    """Replay a plan's masks onto a model (checked first; nothing changes on a mismatch). Only the
-    reference models replay across backends: a plan of another model applies on its own backend."""
+    """Replay a plan's masks onto a model (checked first; nothing changes on a mismatch). A plan of a
+    model named by a source or factory (``source:name``, see the job's ``--model``) applies on its
+    own backend only: the reference models are the twins that replay across backends."""
     own = getattr(handle, "backend", "")
-    if plan.backend and own and plan.backend != own and plan.model and plan.model not in MODELS:
+    # a model of a collection or a factory (``source:name``) exists on its own backend only
+    if plan.backend and own and plan.backend != own and ":" in plan.model:
         raise PlanError(f"plan was made for model {plan.model!r} on backend {plan.backend!r}; only the reference "
                         f"models ({', '.join(MODELS)}) replay across backends, so it applies on {plan.backend!r} "
                         f"only, not on {own!r}")
