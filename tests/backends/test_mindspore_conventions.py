@@ -123,3 +123,50 @@ def test_decomposed_and_compacted_equal_the_original(pad_mode, padding):
                 _close(ref, dec.predict(x))
             except AssertionError as e:
                 raise AssertionError(f"{label} {scheme}: {e}") from None
+
+
+DEVICE_SCRIPT = r"""
+import os, mindspore as ms
+from mindspore._c_expression import DeviceManagerConf
+calls = []
+real_set_device = ms.set_device
+ms.set_device = lambda *a, **k: (calls.append(a), real_set_device(*a, **k))[1]
+os.environ.pop("PRUNEKIT_MS_DEVICE", None)
+ms.set_context(device_target="CPU")         # the user's choice, made the older way, before the import
+import prunekit.backends.mindspore
+from prunekit.backends.mindspore.runtime import configure_process
+from prunekit.errors import ConfigError
+# prunekit did not pick a device over it (this CPU-only machine cannot load another device, so
+# the choice itself is CPU; set_device would have made any later set_context choice fail)
+assert calls == [] and not DeviceManagerConf.get_instance().is_device_enable(), calls
+ms.set_context(device_target="CPU")          # and the user may still choose after the import
+os.environ["PRUNEKIT_MS_DEVICE"] = "cpu"     # the environment's choice is applied with set_device
+configure_process()
+assert calls == [("CPU",)] and ms.get_context("device_target") == "CPU", calls
+os.environ["PRUNEKIT_MS_DEVICE"] = "gpu"     # contradicting set_device: refused by name
+try:
+    configure_process()
+    raise SystemExit("no error")
+except ConfigError as e:
+    assert "PRUNEKIT_MS_DEVICE='gpu'" in str(e) and "set_device chose CPU" in str(e), e
+os.environ["PRUNEKIT_MS_DEVICE"] = "tpu"
+try:
+    configure_process()
+    raise SystemExit("no error")
+except ConfigError as e:
+    assert "'tpu'" in str(e) and "CPU, GPU or Ascend" in str(e), e
+print("device ok")
+"""
+
+
+def test_the_users_device_choice_is_respected():
+    """``set_context(device_target=...)`` before or after the import is left alone (the backend
+    used to call ``set_device("CPU")`` over it, whatever the context said); ``PRUNEKIT_MS_DEVICE`` is applied; a contradiction
+    with ``set_device`` or an unknown name is refused naming the variable and its value."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PRUNEKIT_MS_DEVICE"}
+    proc = subprocess.run([sys.executable, "-c", DEVICE_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "device ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
