@@ -10,7 +10,7 @@ from .runtime import configure_process
 configure_process()
 
 from .driver import PruningSession, Trainer  # noqa: E402
-from .integrations import PruningCallback, PruningTrainOneStepCell  # noqa: E402
+from .integrations import Pruner, PruningCallback, PruningTrainOneStepCell  # noqa: E402
 from .optimizers import Adam, make_optimizer  # noqa: E402
 from .layers import MindSporeModelHandle, discover_layers  # noqa: E402
 from .compact import compact  # noqa: E402
