@@ -76,8 +76,8 @@ class PruningSession(SessionBase):
 
     def transform_gradients(self, grads: Sequence[ms.Tensor]) -> Tuple[ms.Tensor, ...]:
         """The gradients to step with, as a tuple aligned with ``optimizer.parameters``."""
-        if _compiling():
-            raise ConfigError(
+        if _compiling():  # MindSpore's graph parser accepts only built-in exception types here
+            raise RuntimeError(
                 "PruningSession.transform_gradients was called while MindSpore compiles a graph "
                 "(GRAPH_MODE or @mindspore.jit): the masks would be compiled in as constants. Inside "
                 "a compiled train step call session.graph_update()(grads) instead of "
