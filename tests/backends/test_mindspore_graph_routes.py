@@ -269,3 +269,47 @@ def test_pruner_apply_train_convert_export(name, graph_mode, tmp_path):
     ms.export(pruned, x, file_name=path, file_format="MINDIR")
     loaded = nn.GraphCell(ms.load(path + ".mindir"))
     np.testing.assert_allclose(loaded(x).asnumpy(), pruned(x).asnumpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_sdprun_optimizer_in_a_jit_step_matches_the_neutral_algorithm(graph_mode):
+    """The SDPrun optimizer compiled inside a user's @jit step (GRAPH_MODE) against SDPrunPruner
+    through the eager functional loop with plain SGD (PyNative): the same weights, zero rows."""
+    from prunekit.backends.mindspore.optimizers import SDPrun
+
+    batches = _batches()
+    handle = bm.MindSporeModelHandle(_net(), (3, 8, 8), "tiny")
+    net = handle.model
+    net.set_train(True)
+    settings = dict(SETTINGS["sdprun"], c=3.0)  # large enough to zero some rows in three steps
+    opt = SDPrun.from_handle(handle, learning_rate=LR, c=settings["c"], mu=0.51)
+
+    def loss_fn(x, y):
+        return msops.cross_entropy(net(x), y)
+
+    grad_fn = ms.value_and_grad(loss_fn, None, opt.parameters)
+
+    @ms.jit
+    def train_step(x, y):
+        loss, grads = grad_fn(x, y)
+        return msops.depend(loss, opt(grads))
+
+    for x, y in batches:
+        train_step(ms.Tensor(x), ms.Tensor(y))
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    ref = bm.MindSporeModelHandle(_net(), (3, 8, 8), "tiny")
+    ref.model.set_train(True)
+    algo = make_algorithm("sdprun", **settings)
+    sgd = nn.SGD(ref.model.trainable_params(), learning_rate=LR)
+    session = bm.PruningSession(ref, algo, sgd, STEPS)
+    grad_ref = ms.value_and_grad(lambda x, y: msops.cross_entropy(ref.model(x), y), None, sgd.parameters)
+    for x, y in batches:
+        session.before_step()
+        _, grads = grad_ref(ms.Tensor(x), ms.Tensor(y))
+        sgd(session.transform_gradients(grads))
+        session.after_optimizer_step()
+    mine, theirs = handle.state_numpy(), ref.state_numpy()
+    for k in theirs:
+        np.testing.assert_allclose(mine[k], theirs[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    assert opt.n == STEPS and opt.lam == pytest.approx(algo.lam, rel=1e-12)
+    w = handle.weights_numpy()
+    assert any(not np.any(v[r]) for v in w.values() if v.ndim > 1 for r in range(v.shape[0])), "no row thresholded"
