@@ -167,6 +167,7 @@ class GraphUpdate(nn.Cell):
         self.dense = params("dense_grad", 0.0) if self._observe else None
         self.weights = ms.ParameterTuple(ws)
 
+    @ms.jit  # compiled once when called eagerly (PyNative); inlined into a graph that calls it
     def construct(self, grads):
         out = ()
         for i in range(self._n):

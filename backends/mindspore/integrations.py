@@ -33,6 +33,7 @@ trains without sinking whatever ``dataset_sink_mode`` says.
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional, Sequence, Union
 
 import mindspore as ms
@@ -180,13 +181,18 @@ class Pruner:
         """The pruned network after training: compacted (channel algorithms: narrower layers),
         decomposed (TRP: each low-rank conv split in two, singular values >= ``decompose_threshold``
         kept) or, for unstructured pruning, the trained network with its pruned weights at zero.
-        A new network where one is built; ready for ``mindspore.export``."""
+        A new network where one is built (the trained one is left as it is); ready for
+        ``mindspore.export``."""
         if self.session is None or self.session.step == 0:
             raise ConfigError("Pruner.convert: train first (train_network, callbacks, Model.train)")
         algo, handle = self.algorithm, self.handle
-        transform = algo.final_transform(handle, _backend(), float(decompose_threshold))
-        if transform is not None:
-            return transform.handle.model
+        if type(algo).final_transform is not Algorithm.final_transform:
+            # on a copy: the surgery replaces cells in place, and a network already compiled in
+            # GRAPH_MODE would keep running its old graph
+            copied = MindSporeModelHandle(copy.deepcopy(handle.model), handle.input_shape, handle.model_name)
+            transform = algo.final_transform(copied, _backend(), float(decompose_threshold))
+            if transform is not None:
+                return transform.handle.model
         if algo.channel_keep and not algo.prunes_at_init:
             return _backend().compact(handle, algo.channel_keep).model
         return handle.model

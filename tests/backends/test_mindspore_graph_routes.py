@@ -149,6 +149,13 @@ def graph_mode():
     ms.set_context(mode=ms.PYNATIVE_MODE)
 
 
+@pytest.fixture(params=["graph", "pynative"])
+def mode(request):
+    ms.set_context(mode=ms.GRAPH_MODE if request.param == "graph" else ms.PYNATIVE_MODE)
+    yield request.param
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
 def _same_weights(handle, reference, algo, ref_algo):
     for n, m in ref_algo.masks.items():
         np.testing.assert_array_equal(algo.masks[n].asnumpy(), m.asnumpy(), err_msg=n)
@@ -159,6 +166,16 @@ def _same_weights(handle, reference, algo, ref_algo):
 
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_model_train_in_graph_mode_matches_the_functional_loop(name, graph_mode):
+    _model_train_matches_the_functional_loop(name)
+
+
+@pytest.mark.parametrize("name", ["magnitude", "rpg"])
+def test_model_train_in_pynative_matches_the_functional_loop(name):
+    assert ms.get_context("mode") == ms.PYNATIVE_MODE
+    _model_train_matches_the_functional_loop(name)
+
+
+def _model_train_matches_the_functional_loop(name):
     batches = _batches()
     handle, algo = _prepared(name)
     opt = _optimizer(handle.model)
@@ -176,7 +193,7 @@ def test_model_train_in_graph_mode_matches_the_functional_loop(name, graph_mode)
 
 
 @pytest.mark.parametrize("name", ["magnitude", "sdprun"])
-def test_users_jit_train_step_reads_current_masks(name, graph_mode):
+def test_users_jit_train_step_reads_current_masks(name, mode):
     batches = _batches()
     handle, algo = _prepared(name)
     net = handle.model
@@ -199,6 +216,7 @@ def test_users_jit_train_step_reads_current_masks(name, graph_mode):
     for x, y in batches:
         session.before_step()
         before = {n: m.asnumpy() for n, m in algo.masks.items()}
+        assert ms.get_context("mode") == (ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
         train_step(ms.Tensor(x), ms.Tensor(y))
         session.after_optimizer_step()
         for n, m in before.items():  # the step used this step's masks, not the first compile's
@@ -252,19 +270,23 @@ def test_pruner_apply_train_convert_export(name, graph_mode, tmp_path):
     opt = _optimizer(net)
     Model(pruner.train_network(nn.CrossEntropyLoss(), opt)).train(
         1, _dataset(batches), callbacks=pruner.callbacks(), dataset_sink_mode=False)
-    pruned = pruner.convert(decompose_threshold=0.3)
-    x = ms.Tensor(batches[0][0])
-    net.set_train(False)
-    pruned.set_train(False)
 
     def convs(cell):
         return [c for _, c in cell.cells_and_names() if isinstance(c, nn.Conv2d)]
 
+    n_convs = len(convs(net))
+    x = ms.Tensor(batches[0][0])
+    net.set_train(False)
+    dense_out = net(x).asnumpy()
+    pruned = pruner.convert(decompose_threshold=0.3)
+    pruned.set_train(False)
+    assert pruned is not net and len(convs(net)) == n_convs  # the trained network is left as it was
+
     if name == "channel":  # compacted: narrower convs computing what the masked network computes
         assert sum(c.out_channels for c in convs(pruned)) < sum(c.out_channels for c in convs(net))
-        np.testing.assert_allclose(pruned(x).asnumpy(), net(x).asnumpy(), rtol=0, atol=1e-4)
-    else:  # decomposed: each low-rank conv split in two
-        assert len(convs(pruned)) > len(convs(net)), "TRP's convert() split no conv"
+        np.testing.assert_allclose(pruned(x).asnumpy(), dense_out, rtol=0, atol=1e-4)
+    else:  # decomposed: the low-rank conv split in two
+        assert len(convs(pruned)) > n_convs, "TRP's convert() split no conv"
     path = os.path.join(tmp_path, "pruned")
     ms.export(pruned, x, file_name=path, file_format="MINDIR")
     loaded = nn.GraphCell(ms.load(path + ".mindir"))
