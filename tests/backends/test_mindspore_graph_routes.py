@@ -193,7 +193,7 @@ def _model_train_matches_the_functional_loop(name):
 
 
 @pytest.mark.parametrize("name", ["magnitude", "sdprun"])
-def test_users_jit_train_step_reads_current_masks(name, mode):
+def test_users_jit_train_step_reads_current_masks(name, mode, monkeypatch):
     batches = _batches()
     handle, algo = _prepared(name)
     net = handle.model
@@ -212,8 +212,14 @@ def test_users_jit_train_step_reads_current_masks(name, mode):
         loss, grads = grad_fn(x, y)
         return msops.depend(loss, update(grads))
 
-    before = {}
+    import mindspore.graph.api as graph_api  # its compile path (not a cache hit) calls _check_recompile
+
+    compiles, original = [], graph_api._check_recompile
+    monkeypatch.setattr(graph_api, "_check_recompile", lambda *a, **k: (compiles.append(1), original(*a, **k))[1])
+    before, compiled_first = {}, None
     for x, y in batches:
+        if compiled_first is None and session.step == 1:
+            compiled_first = len(compiles)
         session.before_step()
         before = {n: m.asnumpy() for n, m in algo.masks.items()}
         assert ms.get_context("mode") == (ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
@@ -222,6 +228,7 @@ def test_users_jit_train_step_reads_current_masks(name, mode):
         for n, m in before.items():  # the step used this step's masks, not the first compile's
             assert not np.any(handle.weight(n).asnumpy()[m == 0]), n
         _check_step(session, opt)
+    assert len(compiles) == compiled_first, "a graph was compiled again after the first step"
     session.finish()
     reference, ref_algo = _functional(name, batches)
     _same_weights(handle, reference, algo, ref_algo)
