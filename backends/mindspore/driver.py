@@ -124,6 +124,7 @@ class PruningSession(SessionBase):
                                   "optimizer's parameters: a compiled step could not mask its update")
             self._graph = GraphUpdate(self.optimizer, self._weights, terms=kind == "additive", observe=observe)
             self._graph_kind = kind
+            self._skip_snapshot = self._observe_weights = None
             self._synced: tuple = ()
             self._nonzero_terms: set = set()
             self._ones = {}

@@ -342,3 +342,33 @@ def test_sdprun_optimizer_in_a_jit_step_matches_the_neutral_algorithm(graph_mode
     assert opt.n == STEPS and opt.lam == pytest.approx(algo.lam, rel=1e-12)
     w = handle.weights_numpy()
     assert any(not np.any(v[r]) for v in w.values() if v.ndim > 1 for r in range(v.shape[0])), "no row thresholded"
+
+
+def test_multi_step_dataset_sink_on_a_device_is_refused(monkeypatch):
+    """On Ascend/GPU in GRAPH_MODE a sink runs sink_size steps per call: refused at the start
+    (CPU never sinks, so the device is simulated here), sink_size=1 accepted."""
+    from mindspore.train.callback import RunContext, _InternalCallbackParam
+
+    import prunekit.backends.mindspore.integrations as integrations
+
+    handle, algo = _prepared("magnitude")
+    opt = _optimizer(handle.model)
+    session = bm.PruningSession(handle, algo, opt, STEPS)
+    cell = bm.PruningTrainOneStepCell(nn.WithLossCell(handle.model, nn.CrossEntropyLoss()), opt, session)
+    settings = {"mode": ms.GRAPH_MODE, "device_target": "Ascend"}
+    monkeypatch.setattr(integrations.ms, "get_context", lambda key: settings[key])
+    callback = bm.PruningCallback(session)
+    for size, refused in ((-1, True), (4, True), (1, False)):
+        params = _InternalCallbackParam()
+        params.train_network, params.dataset_sink_mode, params.sink_size = cell, True, size
+        if refused:
+            with pytest.raises(ConfigError, match="sink_size=1"):
+                callback.on_train_begin(RunContext(params))
+        else:
+            callback.on_train_begin(RunContext(params))
+    params.cur_step_num = 1
+    callback.on_train_step_begin(RunContext(params))
+    callback.on_train_step_end(RunContext(params))
+    params.cur_step_num = 5  # four steps in one call
+    with pytest.raises(ConfigError, match="sink_size=1"):
+        callback.on_train_step_end(RunContext(params))
