@@ -65,7 +65,8 @@ class PruningTrainOneStepCell(nn.TrainOneStepCell):
     def construct(self, *inputs):
         loss, grads = self._grad(*inputs)
         grads = self.grad_reducer(grads)
-        return ms.ops.depend(loss, self.update(grads))
+        # mutable: in PyNative a plain tuple reaches the compiled update as constants (a compile a step)
+        return ms.ops.depend(loss, self.update(ms.mutable(grads)))
 
 
 class PruningCallback(Callback):

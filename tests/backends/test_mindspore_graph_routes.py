@@ -164,18 +164,33 @@ def _same_weights(handle, reference, algo, ref_algo):
         np.testing.assert_allclose(mine[n], theirs[n], rtol=0, atol=3e-5, err_msg=n)
 
 
+@pytest.fixture
+def compiles(monkeypatch):
+    """The names of the graphs MindSpore compiles (its compile path, not a cache hit, calls
+    ``_check_recompile``, the function that warns "compiled again")."""
+    import mindspore.graph.api as graph_api
+
+    names, original = [], graph_api._check_recompile
+
+    def counting(*args, **kwargs):
+        names.append(str(args[3]) if len(args) > 3 else "?")
+        return original(*args, **kwargs)
+    monkeypatch.setattr(graph_api, "_check_recompile", counting)
+    return names
+
+
 @pytest.mark.parametrize("name", list(SETTINGS))
-def test_model_train_in_graph_mode_matches_the_functional_loop(name, graph_mode):
-    _model_train_matches_the_functional_loop(name)
+def test_model_train_in_graph_mode_matches_the_functional_loop(name, graph_mode, compiles):
+    _model_train_matches_the_functional_loop(name, compiles)
 
 
 @pytest.mark.parametrize("name", ["magnitude", "rpg"])
-def test_model_train_in_pynative_matches_the_functional_loop(name):
+def test_model_train_in_pynative_matches_the_functional_loop(name, compiles):
     assert ms.get_context("mode") == ms.PYNATIVE_MODE
-    _model_train_matches_the_functional_loop(name)
+    _model_train_matches_the_functional_loop(name, compiles)
 
 
-def _model_train_matches_the_functional_loop(name):
+def _model_train_matches_the_functional_loop(name, compiles):
     batches = _batches()
     handle, algo = _prepared(name)
     opt = _optimizer(handle.model)
@@ -186,6 +201,8 @@ def _model_train_matches_the_functional_loop(name):
     Model(train_net).train(1, _dataset(batches), callbacks=[bm.PruningCallback(session), check],
                            dataset_sink_mode=name in ("magnitude", "rpg"))
     assert session.step == STEPS and check.steps == STEPS
+    train_graphs = [n for n in compiles if "PruningTrainOneStepCell" in n or "fused.construct" in n]
+    assert train_graphs and len(train_graphs) == len(set(train_graphs)), f"compiled again: {train_graphs}"
     if name in ("magnitude", "rpg", "precrop", "channel"):
         assert any(not np.all(m.asnumpy()) for m in algo.masks.values()), "nothing was pruned"
     reference, ref_algo = _functional(name, batches)
