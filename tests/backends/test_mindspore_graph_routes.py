@@ -389,3 +389,14 @@ def test_multi_step_dataset_sink_on_a_device_is_refused(monkeypatch):
     params.cur_step_num = 5  # four steps in one call
     with pytest.raises(ConfigError, match="sink_size=1"):
         callback.on_train_step_end(RunContext(params))
+
+
+def test_a_python_gradient_transform_is_refused_at_set_up():
+    """An algorithm whose transform_gradients changes the gradients in Python (neither additive
+    terms nor read-only) cannot run inside a compiled step: refused when the step is built."""
+    handle, algo = _prepared("magnitude")
+    algo.transform_gradients = lambda step, grads: {n: g * 2.0 for n, g in grads.items()}
+    session = bm.PruningSession(handle, algo, _optimizer(handle.model), STEPS)
+    with pytest.raises(ConfigError, match="functional loop"):
+        session.graph_update()
+    assert session._graph is None
