@@ -176,8 +176,9 @@ class PruningSession(SessionBase):
         """Write the algorithm's masks into the graph's mask Parameters when any changed."""
         masks = self.algorithm.masks if self.algorithm is not None else {}
         g = self._graph
-        key = tuple(id(masks.get(n)) for n in g.layers)
-        if key == self._synced:
+        # the tensors themselves are kept (not their ids, which a freed tensor's successor may reuse)
+        key = tuple(masks.get(n) for n in g.layers)
+        if len(key) == len(self._synced) and all(a is b for a, b in zip(key, self._synced)):
             return
         values = []
         for n, p in zip(g.layers, g.masks):
