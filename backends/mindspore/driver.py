@@ -1,4 +1,4 @@
-"""Training-loop integration for MindSpore (PyNative mode).
+"""Training-loop integration for MindSpore (PyNative and GRAPH_MODE).
 
 :class:`PruningSession` fits around any ``nn.Optimizer`` in MindSpore's functional loop::
 
@@ -24,8 +24,12 @@ When a mask changes, the optimizer's state for the masked weights (``accum`` of 
 state named ``<prefix>.<parameter name>`` except ``nn.SGD``'s ``stat`` flag) is masked too, so
 pruned weights stay exactly zero.
 
+Compiled steps (GRAPH_MODE ``Model.train``, a user's ``@mindspore.jit`` train step) call
+``session.graph_update()`` inside the graph instead of ``transform_gradients`` +
+``optimizer(grads)``: masks and terms are then Parameters of that Cell
+(:class:`.fused.GraphUpdate`), which ``before_step`` / ``after_optimizer_step`` keep current.
 For ``mindspore.train.Model`` see :mod:`.integrations` (``PruningTrainOneStepCell``,
-``PruningCallback``). The life cycle itself is :class:`prunekit.app.session.SessionBase`'s.
+``PruningCallback``, ``Pruner``). The life cycle itself is :class:`prunekit.app.session.SessionBase`'s.
 
 :class:`Trainer` is the loop prunekit's own job uses, built on the same session, with the
 forward+backward and the optimizer update each compiled once with ``mindspore.jit`` (ResNet-20,
