@@ -1,4 +1,4 @@
-"""The MindSpore backend (CPU, GPU and Ascend; PyNative mode).
+"""The MindSpore backend (CPU, GPU and Ascend; PyNative and GRAPH_MODE).
 
 Importing it configures the process once (device, oneDNN and NumPy BLAS caps on CPU): see
 :func:`prunekit.backends.mindspore.runtime.configure_process`. ``BACKEND`` is its
