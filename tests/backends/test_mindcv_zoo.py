@@ -1,10 +1,11 @@
 """mindcv's networks, random-initialised at 32x32, batch 2, through everything prunekit does to a
-MindSpore model: discovery; one magnitude step and two RPG steps of the user's functional loop
-(the weights checked: every masked entry exactly zero, the target reached); TRP's decomposition
-(outputs equal to the model holding the truncated weights); channel groups and compaction
-(outputs equal to the masked model); a MindIR export that reloads. In PyNative for every model,
-and in GRAPH_MODE for a few whose structures differ (plain residual, squeeze-excite with
-depthwise convs, grouped convs), where the compiled forward and train step are what runs.
+MindSpore model: discovery; channel groups and compaction (outputs equal to the masked model);
+TRP's decomposition (outputs equal to the model holding the truncated weights); a MindIR export
+that reloads; and, on the networks :data:`PYNATIVE_STAGES`/:data:`GRAPH_STAGES` name, one
+magnitude step and two RPG steps of the user's functional loop (the weights checked: every
+masked entry exactly zero, more than half of them pruned). Every model in PyNative; in GRAPH_MODE,
+where the compiled forward and train step are what runs, a plain residual network and a
+squeeze-excite one with depthwise convs and stride-2 "same" padding.
 
 Within 1e-4 relative; anything but a prunekit error is a failure (a raw exception, a wrong
 output). Channel groups through squeeze-excite gates, concatenations and grouped convs are the
@@ -67,8 +68,7 @@ def _model(name):
     if name.startswith("vgg"):
         net.classifier = nn.SequentialCell([nn.Dense(512, 64), nn.ReLU(), nn.Dense(64, 10)])
     rng = np.random.default_rng(0)
-    for cell in net.cells_and_names():
-        cell = cell[1]
+    for _, cell in net.cells_and_names():
         if isinstance(cell, (nn.Conv2d, nn.Dense)):  # He-normal: O(1) activations in every network
             w = cell.weight
             fan_in = int(np.prod(w.shape[1:]))
