@@ -5,7 +5,7 @@ ResNet-20 (prunekit's twin), batch 128, synthetic CIFAR-shaped data, SGD with mo
 trainer is what ``Model.train`` runs per step with :class:`PruningCallback`: the session's
 ``before_step``, one call of the train cell, ``after_optimizer_step``; "plain" is
 ``nn.TrainOneStepCell``. All trainers live in one process and are timed interleaved in blocks
-(the machine is shared), medians compared. Recompilation: every graph compile MindSpore starts
+(the machine is shared; the order rotates every block), medians compared. Recompilation: every graph compile MindSpore starts
 during the timed steps is counted per trainer (its compile path calls
 ``mindspore.graph.api._check_recompile``, the function that warns "compiled again"; a cache hit
 does not), and MindSpore's log is scanned for "compiled again".
@@ -113,8 +113,8 @@ def run(args):
 
     for c in configs:
         go(c, args.warmup, False)
-    for _ in range(max(1, args.steps // args.block)):
-        for c in configs:
+    for r in range(max(1, args.steps // args.block)):
+        for c in configs[r % len(configs):] + configs[:r % len(configs)]:  # rotated: no trainer always first
             go(c, args.block, True)
     ms.set_context(mode=ms.PYNATIVE_MODE)
     graph_api._check_recompile = original
