@@ -2,7 +2,7 @@
 MindSpore model: discovery; channel groups and compaction (outputs equal to the masked model);
 TRP's decomposition (outputs equal to the model holding the truncated weights); a MindIR export
 that reloads; and, on the networks :data:`PYNATIVE_STAGES`/:data:`GRAPH_STAGES` name, one
-magnitude step and two RPG steps of the user's functional loop (the weights checked: every
+magnitude step and/or two RPG steps of the user's functional loop (the weights checked: every
 masked entry exactly zero, more than half of them pruned). Every model in PyNative; in GRAPH_MODE,
 where the compiled forward and train step are what runs, a plain residual network and a
 squeeze-excite one with depthwise convs and stride-2 "same" padding.
@@ -42,15 +42,16 @@ SHAPE = (3, 32, 32)
 MODELS = ["resnet18", "resnet50", "mobilenet_v2_035_224", "mobilenet_v3_small_100", "efficientnet_b0",
           "densenet121", "vgg11", "regnet_x_200mf", "seresnet18"]
 #: discovery, compaction and the MindIR export run for every model; the stages named here on top.
-#: The algorithm steps run on two small networks, one per mode (grouped convs in PyNative,
-#: squeeze-excite + depthwise in GRAPH_MODE): on resnet50, densenet121 and vgg11 one magnitude step
+#: The algorithm steps run on two small networks, one per mode (magnitude and RPG on grouped convs
+#: in PyNative, magnitude on squeeze-excite + depthwise in GRAPH_MODE; RPG's GRAPH_MODE routes are
+#: tests/backends/test_mindspore_graph_routes.py's): on resnet50, densenet121 and vgg11 one magnitude step
 #: and two RPG steps cost 40-130 s on 2 busy CPU cores (MindSpore's CPU top-k over millions of
 #: weights, RPG's rank terms), beyond this file's share of the suite's time.
 PYNATIVE_STAGES = {name: ("decomposition",) for name in MODELS}
-PYNATIVE_STAGES["regnet_x_200mf"] = ("decomposition", "pruning")
+PYNATIVE_STAGES["regnet_x_200mf"] = ("decomposition", "magnitude", "rpg")
 #: GRAPH_MODE, where the compiled forward and train step are what runs: a plain residual network,
 #: squeeze-excite with depthwise convs and "same" padding at stride 2
-GRAPH_STAGES = {"resnet18": ("decomposition",), "mobilenet_v3_small_100": ("pruning",)}
+GRAPH_STAGES = {"resnet18": ("decomposition",), "mobilenet_v3_small_100": ("magnitude",)}
 #: most layers decomposed per model (strided ones first): enough to cover every padding in use
 MAX_DECOMPOSED = 6
 #: model -> stages that may end in a prunekit error (squeeze-excite, concatenation, grouped convs)
@@ -121,8 +122,9 @@ def _steps(handle, algorithm, steps, x, y):
     net.set_train(False)
 
 
-def _check_pruning(name, x, y):
-    for alg, (steps, settings) in SETTINGS.items():
+def _check_pruning(name, x, y, algorithms):
+    for alg in algorithms:
+        steps, settings = SETTINGS[alg]
         handle = BACKEND.wrap(_model(name), SHAPE, name)
         algorithm = make_algorithm(alg, **settings)
         _steps(handle, algorithm, steps, x, y)
@@ -187,8 +189,9 @@ def _run(name, tmp_path, stages):
     handle = BACKEND.wrap(_model(name), SHAPE, name)
     assert len(handle.layers) == sum(isinstance(c, (nn.Conv2d, nn.Dense)) for _, c in handle.model.cells_and_names())
     lap("discovery")
-    if "pruning" in stages:
-        _attempt(name, "pruning", lambda: _check_pruning(name, x, y))
+    algorithms = [a for a in SETTINGS if a in stages]
+    if algorithms:
+        _attempt(name, "pruning", lambda: _check_pruning(name, x, y, algorithms))
         lap("pruning")
     small = _attempt(name, "compaction", lambda: _check_compaction(name, handle, x))
     lap("compaction")
