@@ -149,7 +149,7 @@ def graph_mode():
     ms.set_context(mode=ms.PYNATIVE_MODE)
 
 
-@pytest.fixture(params=["graph", "pynative"])
+@pytest.fixture
 def mode(request):
     ms.set_context(mode=ms.GRAPH_MODE if request.param == "graph" else ms.PYNATIVE_MODE)
     yield request.param
@@ -209,7 +209,8 @@ def _model_train_matches_the_functional_loop(name, compiles):
     _same_weights(handle, reference, algo, ref_algo)
 
 
-@pytest.mark.parametrize("name", ["magnitude", "sdprun"])
+@pytest.mark.parametrize("mode, name", [("graph", "magnitude"), ("graph", "rpg"), ("graph", "sdprun"),
+                                        ("pynative", "magnitude"), ("pynative", "sdprun")], indirect=["mode"])
 def test_users_jit_train_step_reads_current_masks(name, mode, monkeypatch):
     batches = _batches()
     handle, algo = _prepared(name)
