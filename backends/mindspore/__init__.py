@@ -1,4 +1,4 @@
-"""The MindSpore backend (CPU, GPU and Ascend; PyNative mode).
+"""The MindSpore backend (CPU, GPU and Ascend; PyNative and GRAPH_MODE).
 
 Importing it configures the process once (device, oneDNN and NumPy BLAS caps on CPU): see
 :func:`prunekit.backends.mindspore.runtime.configure_process`. ``BACKEND`` is its
@@ -10,7 +10,7 @@ from .runtime import configure_process
 configure_process()
 
 from .driver import PruningSession, Trainer  # noqa: E402
-from .integrations import PruningCallback, PruningTrainOneStepCell  # noqa: E402
+from .integrations import Pruner, PruningCallback, PruningTrainOneStepCell  # noqa: E402
 from .optimizers import Adam, make_optimizer  # noqa: E402
 from .layers import MindSporeModelHandle, discover_layers  # noqa: E402
 from .compact import compact  # noqa: E402

@@ -1,7 +1,10 @@
 """Data-parallel pruning for MindSpore: data parallel under ``msrun`` (CPU, GPU or Ascend).
 
-    msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --join=True \\
-        $(which prunekit) run --backend mindspore ...    # the console script (msrun has no -m)
+    PATH=VENV/bin:$PATH msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --join=True \\
+        VENV/bin/prunekit run --backend mindspore ...    # the console script (msrun has no -m)
+
+(VENV: the environment prunekit is installed in. msrun starts every worker as ``python <script>``
+with the ``python`` first on PATH, not with its own interpreter.)
 
 or in your own script, after :func:`init_distributed` (``mindspore.communication.init()`` and
 ``set_auto_parallel_context(parallel_mode=DATA_PARALLEL, gradients_mean=True)``)::

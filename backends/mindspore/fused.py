@@ -16,12 +16,18 @@ helpers do the same arithmetic inside one ``mindspore.jit`` call each:
   through :meth:`MindSporeModelHandle.set_weights`).
 
 A compiled graph is built per layout (which gradients get a term, which are masked) and reused.
+
+:class:`GraphUpdate` is the same step as a Cell for graphs the *user* compiles (``Model.train``
+in GRAPH_MODE, a ``@mindspore.jit`` train step): there the masks and terms cannot be arguments,
+so they are Parameters of the cell, written in place by the session between steps.
 """
 from __future__ import annotations
 
 from typing import Dict, Sequence, Tuple
 
+import numpy as np
 import mindspore as ms
+import mindspore.nn as nn
 from mindspore import ops as msops
 
 
@@ -124,3 +130,57 @@ def _tuple(xs):
     """A run-time tuple argument (``mutable``: not compiled in as constants); empty stays ()."""
     xs = tuple(xs)
     return ms.mutable(xs) if xs else xs
+
+
+class GraphUpdate(nn.Cell):
+    """The session's gradient step as a Cell that runs *inside* a compiled graph (a
+    ``mindspore.train.Model`` train cell in GRAPH_MODE, a user's ``@mindspore.jit`` train step).
+
+    ``construct(grads)`` (the tuple aligned with ``optimizer.parameters``) does, for each prunable
+    weight: copy the dense gradient into a buffer (``observe``: algorithms that read gradients
+    after the step), ``g ← (g + term) · mask`` (``terms``: additive algorithms), then
+    ``optimizer(grads)`` and ``w ← w · mask``; it returns the optimizer's result.
+    Masks, terms and buffers are Parameters (``requires_grad=False``) held here, so the compiled
+    graph reads their values at run time; the session writes them in place between steps
+    (:meth:`PruningSession.before_step` in graph mode), never as compiled-in constants.
+    A weight without a mask has a mask of ones (the product is exact).
+    """
+
+    def __init__(self, optimizer, weights: Dict[str, ms.Parameter], terms: bool, observe: bool):
+        super().__init__(auto_prefix=False)
+        self.optimizer = optimizer
+        position = {id(p): i for i, p in enumerate(optimizer.parameters)}
+        self.layers = [n for n, w in weights.items() if id(w) in position]
+        slot = {position[id(weights[n])]: j for j, n in enumerate(self.layers)}
+        self._plan = tuple(slot.get(i, -1) for i in range(len(optimizer.parameters)))
+        self._n, self._k = len(self._plan), len(self.layers)
+        self._terms, self._observe = bool(terms), bool(observe)
+        ws = [weights[n] for n in self.layers]
+
+        def params(prefix, fill):
+            return ms.ParameterTuple([
+                ms.Parameter(ms.Tensor(np.full(tuple(w.shape), fill, np.float32), w.dtype),
+                             name=f"prunekit_{prefix}.{w.name}", requires_grad=False) for w in ws])
+
+        self.masks = params("mask", 1.0)
+        self.terms = params("term", 0.0) if self._terms else None
+        self.dense = params("dense_grad", 0.0) if self._observe else None
+        self.weights = ms.ParameterTuple(ws)
+
+    @ms.jit  # compiled once when called eagerly (PyNative); inlined into a graph that calls it
+    def construct(self, grads):
+        out = ()
+        for i in range(self._n):
+            g = grads[i]
+            j = self._plan[i]
+            if j >= 0:
+                if self._observe:
+                    msops.assign(self.dense[j], g)
+                if self._terms:
+                    g = g + self.terms[j]
+                g = g * self.masks[j]
+            out = out + (g,)
+        done = self.optimizer(out)
+        for j in range(self._k):  # after the update (side effects keep program order)
+            msops.assign(self.weights[j], self.weights[j] * self.masks[j])
+        return done

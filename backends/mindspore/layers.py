@@ -93,30 +93,52 @@ def _probe(model: nn.Cell, input_shape: Sequence[int], cells) -> Dict[str, tuple
     return seen
 
 
-def conv_padding(name: str, conv: nn.Conv2d) -> Tuple[int, int]:
-    """A conv's symmetric zero padding (rows, cols), from MindSpore's ``pad_mode``/``padding``.
+PAD_MODES = ("same", "valid", "pad")
 
-    ``"valid"`` is no padding; ``"same"`` (MindSpore's default) is accepted where it is static
-    and symmetric (stride 1, odd dilated kernel); anything else raises :class:`ModelError`.
+
+def same_pads(size: int, kernel: int, stride: int, dilation: int) -> Tuple[int, int]:
+    """MindSpore's ``pad_mode="same"`` along one axis of extent ``size``: (before, after).
+
+    The output has ``ceil(size / stride)`` positions; the padding needed for it is split with
+    the odd unit after (bottom/right), so a stride-2 or even kernel pads asymmetrically, by an
+    amount that depends on the input size.
     """
+    out = -(-int(size) // int(stride))
+    total = max((out - 1) * int(stride) + (int(kernel) - 1) * int(dilation) + 1 - int(size), 0)
+    return total // 2, total - total // 2
+
+
+def conv_pads(name: str, conv: nn.Conv2d, input_hw: Sequence[int]) -> Tuple[int, int, int, int]:
+    """The zero padding (top, bottom, left, right) ``conv`` applies to an input of spatial size
+    ``input_hw``, for each of MindSpore's ``pad_mode`` values ``"same"`` (its default),
+    ``"valid"`` and ``"pad"``; any other mode, or NHWC data, raises :class:`ModelError` naming
+    the layer."""
     mode = str(conv.pad_mode).lower()
+    if mode not in PAD_MODES:
+        raise ModelError(f"conv {name!r} has pad_mode={conv.pad_mode!r}; prunekit supports {', '.join(PAD_MODES)}")
+    if str(getattr(conv, "data_format", "NCHW")).upper() != "NCHW":
+        raise ModelError(f"conv {name!r} has data_format={conv.data_format!r}; prunekit supports NCHW convolutions")
     if mode == "valid":
-        return (0, 0)
+        return (0, 0, 0, 0)
     if mode == "same":
-        kh, kw = _pair(conv.kernel_size)
-        dh, dw = _pair(conv.dilation)
-        eh, ew = dh * (kh - 1), dw * (kw - 1)
-        if _pair(conv.stride) == (1, 1) and eh % 2 == 0 and ew % 2 == 0:
-            return (eh // 2, ew // 2)
-        raise ModelError(f"conv {name!r} uses pad_mode='same' with stride {_pair(conv.stride)} and kernel "
-                         f"{(kh, kw)}, which pads asymmetrically; prunekit needs explicit symmetric padding")
+        (kh, kw), (sh, sw), (dh, dw) = _pair(conv.kernel_size), _pair(conv.stride), _pair(conv.dilation)
+        return same_pads(input_hw[0], kh, sh, dh) + same_pads(input_hw[1], kw, sw, dw)
     pad = conv.padding
     if isinstance(pad, int):
-        return (pad, pad)
+        return (pad,) * 4
     pad = tuple(int(p) for p in pad)
-    if len(pad) == 4 and pad[0] == pad[1] and pad[2] == pad[3]:
-        return (pad[0], pad[2])
-    raise ModelError(f"conv {name!r} has padding {pad} (top, bottom, left, right); prunekit needs symmetric padding")
+    return pad if len(pad) == 4 else (pad[0], pad[0], pad[-1], pad[-1])
+
+
+def conv_padding(name: str, conv: nn.Conv2d, input_hw: Sequence[int] = (1, 1)) -> Tuple[int, int]:
+    """A conv's leading zero padding (top, left) on an input of size ``input_hw`` (see
+    :func:`conv_pads`): the :attr:`LayerInfo.padding` discovery reports. It is the whole
+    padding when the conv pads symmetrically; an asymmetric one (``"same"`` with stride 2 or an
+    even kernel, or an explicit 4-tuple) is reproduced from the cell itself by compaction (the
+    same ``pad_mode``/``padding``) and by TRP's surgery (:mod:`.surgery`), never from this pair.
+    """
+    top, _, left, _ = conv_pads(name, conv, input_hw)
+    return (top, left)
 
 
 def discover_layers(model: nn.Cell, input_shape: Sequence[int]) -> List[LayerInfo]:
@@ -129,7 +151,7 @@ def discover_layers(model: nn.Cell, input_shape: Sequence[int]) -> List[LayerInf
         if isinstance(c, nn.Conv2d):
             layers.append(LayerInfo(n, "conv", tuple(int(d) for d in c.weight.shape), int(c.in_channels),
                                     int(c.out_channels), int(c.group), _pair(c.stride), bool(c.has_bias),
-                                    in_hw, out_hw, conv_padding(n, c)))
+                                    in_hw, out_hw, conv_padding(n, c, in_hw)))
         else:
             layers.append(LayerInfo(n, "linear", tuple(int(d) for d in c.weight.shape), int(c.in_channels),
                                     int(c.out_channels), 1, (1, 1), bool(c.has_bias), (1, 1), (1, 1)))

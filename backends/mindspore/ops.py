@@ -324,5 +324,14 @@ class MindSporeOps(Ops):
     def value_and_grad(self, loss_fn: Callable, params: Dict[str, ms.Parameter]):
         names = list(params)
         weights = [params[n] for n in names]
-        loss, grads = ms.value_and_grad(loss_fn, None, weights)()
+        # an eager closure (pruning-at-initialisation scores): GRAPH_MODE cannot compile it
+        # ("Illegal AnfNode"), so it runs in PyNative whatever mode the user set
+        mode = ms.get_context("mode")
+        if mode != ms.PYNATIVE_MODE:
+            ms.set_context(mode=ms.PYNATIVE_MODE)
+        try:
+            loss, grads = ms.value_and_grad(loss_fn, None, weights)()
+        finally:
+            if mode != ms.PYNATIVE_MODE:
+                ms.set_context(mode=mode)
         return float(loss.asnumpy()), dict(zip(names, grads))

@@ -2,7 +2,7 @@
 
 :func:`make_optimizer` builds the optimizer of :class:`~.driver.Trainer` ("sgd": ``nn.SGD``;
 "adam": :class:`Adam`, ``torch.optim.Adam`` exactly), both with ``torch.optim`` semantics.
-:class:`SDPrun` is an ``nn.Optimizer`` for the functional ``value_and_grad`` loop (PyNative):
+:class:`SDPrun` is an ``nn.Optimizer`` (any mode, any loop):
 gRDA with group soft-thresholding over filters (sDprun, :mod:`prunekit.algorithms.sdprun`) for
 the parameters in ``grda``, plain SGD (same learning rate, no momentum) for the others; each
 tuple in ``joint`` is thresholded as one group (row i of all its parameters together)::
@@ -13,26 +13,25 @@ tuple in ``joint`` is thresholded as one group (row i of all its parameters toge
         loss, grads = grad_fn(x, y)
         opt(grads)
 
-Call it eagerly (its update is Python over the neutral ops), not inside ``mindspore.jit``.
+Its update is one compiled graph: call it eagerly (PyNative or GRAPH_MODE), inside a
+``@mindspore.jit`` train step, or as the optimizer of ``mindspore.train.Model``.
 Without ``grda``, every parameter with two or more dimensions is managed (the logits layer
 included); ``from_handle`` manages only the producers of prunable channel groups.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+import math
+from typing import List, Optional, Sequence
+
+import numpy as np
 
 import mindspore as ms
 import mindspore.nn as nn
 import mindspore.ops as msops
 
-from prunekit.algorithms.sdprun import (COUPLINGS, SDPrunConfig, accumulate, group_soft_threshold, LambdaSchedule,
-                                        managed_units)
+from prunekit.algorithms.sdprun import _TINY, COUPLINGS, SDPrunConfig, managed_units
 from prunekit.app.session import optimizer_key
 from prunekit.errors import ConfigError
-from prunekit.decisions.spectrum import rank_ops
-
-from .layers import write_
-from .ops import MindSporeOps
 
 
 class Adam(nn.Optimizer):
@@ -88,23 +87,18 @@ def make_optimizer(model: nn.Cell, name: str = "sgd", lr: float = 0.1, momentum:
     return Adam(params, learning_rate=float(lr), weight_decay=float(weight_decay))
 
 
-@ms.jit
-def _sgd(params, grads, lr):
-    """``p -= lr * g`` for every pair, as one compiled call (pass tuples through ``mutable``)."""
-    for p, g in zip(params, grads):
-        msops.assign(p, p - g * lr)
-    return True
-
-
 class SDPrun(nn.Optimizer):
+    """gRDA + group soft-thresholding as one compiled update (``construct`` is graph code): usable
+    in PyNative, in GRAPH_MODE, inside a ``@mindspore.jit`` train step and in ``Model.train``.
+    The accumulators, the step count and the threshold λ (float64, as the neutral
+    :class:`~prunekit.algorithms.sdprun.LambdaSchedule`) are Parameters. ``update_on`` is
+    checked and accepted for compatibility; the update always runs in the graph."""
+
     def __init__(self, params, learning_rate: float = 0.1, c: float = 5e-4, mu: float = 0.51,
                  grda: Optional[Sequence] = None, joint: Sequence[Sequence] = (), update_on: str = "auto"):
         SDPrunConfig(c=c, mu=mu, lr=learning_rate, update_on=update_on)  # validates
         super().__init__(float(learning_rate), params)
         self.c, self.mu, self._lr0 = float(c), float(mu), float(learning_rate)
-        # on a CPU the update's dozen small ops per parameter run far faster in NumPy (as SDPrunPruner's "auto")
-        self._ops = rank_ops(MindSporeOps(), update_on)
-        self._host = not isinstance(self._ops, MindSporeOps)
         plist = list(self._parameters)
         index = {}
         for i, p in enumerate(plist):
@@ -126,14 +120,29 @@ class SDPrun(nn.Optimizer):
                 raise ConfigError("sdprun: every jointly thresholded parameter must also be gRDA-managed")
             if in_joint & set(idx):
                 raise ConfigError("sdprun: a parameter appears in two joint groups")
+            rows = {int(plist[i].shape[0]) for i in idx}
+            if len(rows) != 1:
+                raise ConfigError(f"sdprun: jointly thresholded parameters need the same number of rows, got {sorted(rows)}")
             in_joint |= set(idx)
             units.append(idx)
         units += [[i] for i in managed if i not in in_joint]
-        self._units = units
-        self._managed = managed
-        self._plain = [i for i in range(len(plist)) if i not in set(managed)]
-        self._acc: Dict[int, ms.Tensor] = {}
-        self.schedule = LambdaSchedule(c, mu)  # λ_n, advanced once per step
+        slot = {i: j for j, i in enumerate(managed)}
+        self._managed = tuple(managed)
+        self._plain = tuple(i for i in range(len(plist)) if i not in set(managed))
+        # per unit: (accumulator slots, parameter indices, sqrt of entries per row)
+        self._units = tuple((tuple(slot[i] for i in u), tuple(u),
+                             math.sqrt(sum(int(np.prod(plist[i].shape[1:], dtype=np.int64)) for i in u)))
+                            for u in units)
+        self._acc = ms.ParameterTuple([ms.Parameter(ms.Tensor(np.zeros(tuple(plist[i].shape), np.float32)),
+                                                    name=f"grda_acc.{plist[i].name}", requires_grad=False)
+                                       for i in managed])
+        self._started = ms.Parameter(ms.Tensor(0.0, ms.float32), name="grda_started", requires_grad=False)
+        self._n = ms.Parameter(ms.Tensor(0.0, ms.float64), name="grda_n", requires_grad=False)
+        self._lam = ms.Parameter(ms.Tensor(0.0, ms.float64), name="grda_lambda", requires_grad=False)
+        self._coef = ms.Tensor(self.c, ms.float64)
+        self._mu64 = ms.Tensor(self.mu, ms.float64)
+        self._lr0_64 = ms.Tensor(self._lr0, ms.float64)
+        self._lr0_32 = ms.Tensor(self._lr0, ms.float32)
 
     @classmethod
     def from_handle(cls, handle, groups: Optional[Sequence] = None, coupling: str = "filter",
@@ -151,42 +160,54 @@ class SDPrun(nn.Optimizer):
         return cls(handle.model.trainable_params(), learning_rate, c, mu,
                    grda=[w for u in ws for w in u], joint=[u for u in ws if len(u) > 1], update_on=update_on)
 
+    @ms.jit  # compiled once even when called eagerly (a dozen small ops per parameter)
     def construct(self, gradients):
-        lr = float(self.get_lr().asnumpy()) if isinstance(self.get_lr(), ms.Tensor) else float(self.get_lr())
-        if abs(lr - self._lr0) <= 1e-7 * abs(self._lr0):  # the rate given, not its float32 rounding
-            lr = self._lr0
+        lr = self.get_lr()
         params = self._parameters
-        if self._plain:
-            _sgd(ms.mutable(tuple(params[i] for i in self._plain)),
-                 ms.mutable(tuple(gradients[i] for i in self._plain)), ms.Tensor(lr, ms.float32))
-        self.schedule.advance(lr)
-        ops = self._ops
-        for i in self._managed:
-            acc = self._acc.get(i)
-            if acc is None:  # A_0 = w_0
-                acc = params[i].asnumpy().copy()
-                acc = acc if self._host else ms.Tensor(acc)
-            g = gradients[i].asnumpy() if self._host else gradients[i]
-            self._acc[i] = accumulate(ops, acc, g, lr)
-        for unit in self._units:
-            new = group_soft_threshold(ops, [self._acc[i] for i in unit], self.schedule.value)
-            for i, w in zip(unit, new):
-                write_(params[i], ms.Tensor(w) if self._host else w)
+        for i in self._plain:
+            msops.assign(params[i], params[i] - gradients[i] * lr)
+        # λ_n += c·lr^(0.5+μ)·(n^μ − (n−1)^μ) in float64; the rate given, not its float32 rounding
+        lr64 = msops.select(lr == self._lr0_32, self._lr0_64, msops.cast(lr, ms.float64))
+        n = self._n + 1.0
+        mu = self._mu64  # a float64 tensor: a Python float exponent would be rounded to float32
+        lam = self._lam + self._coef * msops.pow(lr64, mu + 0.5) * (msops.pow(n, mu) - msops.pow(n - 1.0, mu))
+        msops.assign(self._n, n)
+        msops.assign(self._lam, lam)
+        started = self._started
+        for j in range(len(self._managed)):  # A_0 = w_0 at the first step, then A -= lr·g
+            i = self._managed[j]
+            a = self._acc[j] * started + params[i] * (1.0 - started)
+            msops.assign(self._acc[j], a - gradients[i] * lr)
+        msops.assign(self._started, msops.ones_like(started))
+        for slots, idx, root in self._units:  # w_g = max(0, 1 − λ·sqrt|g| / ‖A_g‖)·A_g, rows jointly
+            sq = None
+            for j in slots:
+                a = self._acc[j]
+                m = msops.reshape(a, (a.shape[0], -1))
+                s = msops.sum(m * m, 1)
+                sq = s if sq is None else sq + s
+            norm = msops.sqrt(sq)
+            t = msops.cast(lam * root, ms.float32)
+            scale = msops.clamp(norm - t, 0.0, None) / msops.clamp(norm, _TINY, None)
+            for j, i in zip(slots, idx):
+                a = self._acc[j]
+                msops.assign(params[i], a * msops.reshape(scale, (a.shape[0],) + (1,) * (len(a.shape) - 1)))
         return True
 
     @property
     def lam(self) -> float:
         """The current threshold λ_n."""
-        return self.schedule.value
+        return float(self._lam.asnumpy())
 
     @property
     def n(self) -> int:
         """Steps taken."""
-        return self.schedule.n
+        return int(round(float(self._n.asnumpy())))
 
     def accumulator(self, param) -> ms.Tensor:
         """The gRDA accumulator of a managed parameter (after at least one step)."""
-        for i, p in enumerate(self._parameters):
+        for j, i in enumerate(self._managed):
+            p = self._parameters[i]
             if p is param or p.name == param:
-                return ms.Tensor(self._acc[i]) if self._host else self._acc[i]
+                return self._acc[j].value()
         raise KeyError(param)

@@ -3,8 +3,12 @@ calls once on import, and the NumPy BLAS thread control it uses.
 
 :func:`configure_process` does, each only if the process has not chosen yet:
 
-* the device is set with ``mindspore.set_device``: ``PRUNEKIT_MS_DEVICE`` ("CPU", "GPU" or
-  "Ascend", any case), else CPU. A device already chosen with ``mindspore.set_device`` is kept.
+* the device is the one the user chose, by whichever means: ``mindspore.set_device`` (kept),
+  ``mindspore.set_context(device_target=...)`` before or after the import (kept: prunekit does
+  not call ``set_device`` then, which would override it), or ``PRUNEKIT_MS_DEVICE`` ("CPU",
+  "GPU" or "Ascend", any case; applied with ``mindspore.set_device`` unless ``set_device`` was
+  called already). With none of them, MindSpore's own default stands. ``PRUNEKIT_MS_DEVICE``
+  naming another device than ``set_device`` chose is a :class:`~prunekit.errors.ConfigError`.
 * on CPU, oneDNN is capped at AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``) unless ``ONEDNN_MAX_CPU_ISA``
   is set already or ``PRUNEKIT_MS_ONEDNN_ISA`` names another cap ("default" leaves oneDNN
   alone). MindSpore hands oneDNN plain NCHW tensors, for which oneDNN 3.x on AVX-512 CPUs picks
@@ -33,22 +37,44 @@ from typing import List, Optional
 
 import mindspore as ms
 
+from prunekit.errors import ConfigError
+
 from .ops import _DEVICE_ALIASES
 
 
-def configure_process() -> None:
-    """Choose the device, cap oneDNN's ISA and NumPy's BLAS threads on CPU (see the module doc)."""
+def _set_device_called() -> Optional[bool]:
+    """Whether ``mindspore.set_device`` ran in this process (None: MindSpore's private API moved)."""
     try:
         from mindspore._c_expression import DeviceManagerConf
-        chosen = DeviceManagerConf.get_instance().is_device_enable()
-    except Exception:  # private API moved: only an explicit request changes the device
-        chosen = "PRUNEKIT_MS_DEVICE" not in os.environ
-    if not chosen:
-        target = os.environ.get("PRUNEKIT_MS_DEVICE", "CPU")
+        return bool(DeviceManagerConf.get_instance().is_device_enable())
+    except Exception:
+        return None
+
+
+def choose_device() -> None:
+    """Apply ``PRUNEKIT_MS_DEVICE`` if set; otherwise leave the device to the user (see the module doc)."""
+    requested = os.environ.get("PRUNEKIT_MS_DEVICE")
+    if not requested:
+        return
+    target = _DEVICE_ALIASES.get(requested.lower())
+    if target is None:
+        raise ConfigError(f"PRUNEKIT_MS_DEVICE={requested!r} is not a MindSpore device; expected CPU, GPU or Ascend")
+    called = _set_device_called()
+    if not called:  # None: cannot be told; set_device itself refuses to change an earlier choice
         try:
-            ms.set_device(_DEVICE_ALIASES.get(target.lower(), target))
-        except RuntimeError:  # the runtime already started on its default device: keep that one
+            ms.set_device(target)
+        except RuntimeError:  # an earlier set_device, or the runtime already started
             pass
+    current = ms.get_context("device_target")
+    if current != target:
+        how = "mindspore.set_device" if called else "MindSpore (its runtime had already started)"
+        raise ConfigError(f"PRUNEKIT_MS_DEVICE={requested!r} asks for {target}, but {how} chose {current} in "
+                          f"this process; unset one of them, or set PRUNEKIT_MS_DEVICE before MindSpore runs")
+
+
+def configure_process() -> None:
+    """Respect the device chosen, cap oneDNN's ISA and NumPy's BLAS threads on CPU (see the module doc)."""
+    choose_device()
     if ms.get_context("device_target") != "CPU":
         return
     if "ONEDNN_MAX_CPU_ISA" not in os.environ:

@@ -1,6 +1,14 @@
 """Model surgery on MindSpore models: replace a conv by the two convs of a low-rank
 decomposition (TRP). The replacement is an ``nn.SequentialCell`` at the same path, so its
 parameters are named ``<layer>.0.weight`` and ``<layer>.1.weight`` / ``.1.bias``, as on PyTorch.
+
+The factors' padding and dilation are taken from the replaced cell, not from the neutral
+factors (which only know a symmetric padding): :func:`factor_geometry` gives each spatial axis
+to the first factor with the original's kernel and stride on it, which gets the original's
+dilation and padding there. ``pad_mode="same"`` stays ``"same"`` on every factor (exact whatever
+the input size: a factor that does not carry an axis has kernel 1 and stride 1 on it, so
+``"same"`` pads nothing there), ``"valid"`` stays ``"valid"``, and ``"pad"`` splits its
+(top, bottom, left, right) between the factors carrying the rows and the columns.
 """
 from __future__ import annotations
 
@@ -11,15 +19,50 @@ import mindspore.nn as nn
 import numpy as np
 
 from prunekit.algorithms.trp import ConvFactor, Decomposition
+from prunekit.errors import ModelError
 
-from .layers import MindSporeModelHandle
+from .layers import PAD_MODES, MindSporeModelHandle, _pair, conv_pads
 
 
-def _conv(factor: ConvFactor) -> nn.Conv2d:
+def factor_geometry(layer: str, old: nn.Conv2d, factors: Sequence[ConvFactor]) -> list:
+    """``Conv2d`` keyword arguments (``pad_mode``, ``padding``, ``dilation``) per factor of the
+    decomposition of ``old``, so that the factors' chain pads and dilates exactly as ``old``
+    does (see the module doc); :class:`ModelError` naming ``layer`` where it cannot."""
+    mode = str(old.pad_mode).lower()
+    if mode not in PAD_MODES or int(old.group) != 1:
+        raise ModelError(f"conv {layer!r} (pad_mode={old.pad_mode!r}, group={old.group}) cannot be decomposed: "
+                         f"prunekit decomposes ungrouped convs with pad_mode {', '.join(PAD_MODES)}")
+    kernel, stride, dilation = _pair(old.kernel_size), _pair(old.stride), _pair(old.dilation)
+    pads = conv_pads(layer, old, (1, 1)) if mode == "pad" else (0, 0, 0, 0)
+    carrier = [None, None]
+    for axis in (0, 1):
+        for i, f in enumerate(factors):
+            if (int(f.weight.shape[2 + axis]), int(f.stride[axis])) == (kernel[axis], stride[axis]):
+                carrier[axis] = i
+                break
+        for i, f in enumerate(factors):
+            if i != carrier[axis] and (int(f.weight.shape[2 + axis]), int(f.stride[axis])) != (1, 1):
+                raise ModelError(f"conv {layer!r}: its decomposition's factor {i} has kernel "
+                                 f"{int(f.weight.shape[2 + axis])} and stride {int(f.stride[axis])} along axis "
+                                 f"{axis}, where only one factor may span it; the padding cannot be reproduced")
+        if carrier[axis] is None:
+            raise ModelError(f"conv {layer!r}: no factor of its decomposition has the original kernel and stride "
+                             f"along axis {axis}; the padding cannot be reproduced")
+    out = []
+    for i in range(len(factors)):
+        rows, cols = carrier[0] == i, carrier[1] == i
+        kw = {"dilation": (dilation[0] if rows else 1, dilation[1] if cols else 1), "pad_mode": mode}
+        if mode == "pad":
+            kw["padding"] = (pads[0] if rows else 0, pads[1] if rows else 0, pads[2] if cols else 0,
+                             pads[3] if cols else 0)
+        out.append(kw)
+    return out
+
+
+def _conv(factor: ConvFactor, geometry: dict) -> nn.Conv2d:
     co, ci, kh, kw = factor.weight.shape
-    ph, pw = factor.padding
-    conv = nn.Conv2d(ci, co, (kh, kw), tuple(factor.stride), pad_mode="pad", padding=(ph, ph, pw, pw),
-                     has_bias=factor.bias is not None)
+    conv = nn.Conv2d(ci, co, (kh, kw), tuple(int(s) for s in factor.stride), has_bias=factor.bias is not None,
+                     **geometry)
     conv.weight.set_data(ms.Tensor(np.ascontiguousarray(factor.weight), ms.float32))
     if factor.bias is not None:
         conv.bias.set_data(ms.Tensor(np.ascontiguousarray(np.asarray(factor.bias, np.float32))))
@@ -35,13 +78,17 @@ def _locate(model: nn.Cell, path: str):
 def apply_decompositions(handle: MindSporeModelHandle, decompositions: Sequence[Decomposition]) -> MindSporeModelHandle:
     """Replace each decomposed conv in place and return a handle over the new layers."""
     model = handle.model
+    cells = dict(model.cells_and_names())
+    planned = []  # every decomposition is checked before the model is changed
     for d in decompositions:
-        parent, attr = _locate(model, d.layer)
-        old = dict(model.cells_and_names())[d.layer]
+        old = cells.get(d.layer)
         if not isinstance(old, nn.Conv2d):
             raise TypeError(f"{d.layer} is not a Conv2d")
-        new = nn.SequentialCell([_conv(d.first), _conv(d.second)])
-        if isinstance(parent, nn.SequentialCell):
+        planned.append((d, factor_geometry(d.layer, old, (d.first, d.second))))
+    for d, geometry in planned:
+        parent, attr = _locate(model, d.layer)
+        new = nn.SequentialCell([_conv(d.first, geometry[0]), _conv(d.second, geometry[1])])
+        if isinstance(parent, (nn.SequentialCell, nn.CellList)):
             parent[int(attr)] = new
         else:
             setattr(parent, attr, new)

@@ -102,6 +102,9 @@ class Algorithm:
     config_class: Optional[type] = None
     #: True: decides on the untrained model (see "Job-facing hooks" in this module's docstring)
     prunes_at_init = False
+    #: True where :meth:`transform_gradients` only reads the gradients and returns them unchanged
+    #: (a driver that compiles the step may then call it after the step on a copy of them)
+    transform_reads_gradients_only = False
 
     def __init__(self):
         self.config: Any = None

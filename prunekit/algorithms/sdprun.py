@@ -191,6 +191,8 @@ class SDPrunPruner(Algorithm):
 
     name = "sdprun"
     config_class = SDPrunConfig
+    #: transform_gradients only moves the accumulators; after_step writes the weights
+    transform_reads_gradients_only = True
 
     def __init__(self, config: SDPrunConfig | None = None, groups: Optional[Sequence] = None, **kwargs):
         super().__init__()

@@ -9,6 +9,7 @@ Model: ``mnist_cnn`` (no BatchNorm, so data parallel equals the single-process r
 same global batches) on real CIFAR-10 images, centre-cropped to 28x28.
 
     python tests/app/distributed_worker.py --backend torch --out DIR [--algorithms magnitude,rpg,trp]
+    python tests/app/distributed_worker.py --backend mindspore --graph-mode --out DIR   # GRAPH_MODE
 """
 from __future__ import annotations
 
@@ -71,8 +72,12 @@ def main(argv=None) -> int:
     p.add_argument("--backend", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--algorithms", default="magnitude,rpg,trp")
+    p.add_argument("--graph-mode", action="store_true", help="MindSpore: train in GRAPH_MODE")
     args = p.parse_args(argv)
     backend = get_backend(args.backend)
+    if args.graph_mode:
+        import mindspore
+        mindspore.set_context(mode=mindspore.GRAPH_MODE)
     if args.backend == "torch":
         import torch
         torch.set_num_threads(1)

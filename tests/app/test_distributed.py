@@ -104,6 +104,32 @@ def test_mindspore_msrun_equals_single_process(tmp_path):
     _check(single, dp, algorithms)
 
 
+def test_mindspore_msrun_graph_mode_with_the_documented_path(tmp_path):
+    """2 msrun workers training in GRAPH_MODE equal the single-process GRAPH_MODE run. msrun
+    starts each worker as ``python <script>`` with the ``python`` first on PATH, so the run uses
+    the launcher's documented form: a PATH that does not otherwise hold the environment,
+    prefixed by its ``bin`` (as ``backends/__init__.py`` says)."""
+    pytest.importorskip("mindspore")
+    if shutil.which("msrun", path=VENV_BIN) is None or shutil.which("python", path=VENV_BIN) is None:
+        pytest.skip("msrun or python not found beside the Python interpreter")
+    launcher = get_backend("mindspore").launcher
+    assert launcher.startswith("msrun ") and "VENV/bin/prunekit run" in launcher and "PATH=VENV/bin:$PATH" in launcher
+    env = _env()
+    outside = [d for d in env["PATH"].split(os.pathsep) if d and os.path.realpath(d) != os.path.realpath(VENV_BIN)]
+    env["PATH"] = os.pathsep.join([VENV_BIN] + outside)
+    dp, single = str(tmp_path / "dp"), str(tmp_path / "single")
+    launch = ["msrun", "--worker_num=2", "--local_worker_num=2", f"--master_port={_free_port()}", "--join=True",
+              f"--log_dir={tmp_path / 'logs'}", WORKER, "--backend", "mindspore", "--graph-mode", "--out", dp,
+              "--algorithms", "magnitude"]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for cmd in (launch, [sys.executable, WORKER, "--backend", "mindspore", "--graph-mode", "--out", single,
+                                  "--algorithms", "magnitude"])]
+    for p in procs:
+        out = p.communicate(timeout=300)[0]
+        assert p.returncode == 0, out[-4000:]
+    _check(single, dp, ["magnitude"])
+
+
 def test_cli_under_torchrun_rank0_writes_the_run(tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "run"
