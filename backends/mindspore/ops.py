@@ -306,6 +306,11 @@ class MindSporeOps(Ops):
         # top-k values come sorted largest first; for k past the middle the (n-k+1)-th smallest
         # is found the same way on -x, which keeps the partial sort short
         n, k = int(x.shape[0]), int(k)
+        if ms.get_context("device_target") == "CPU":
+            # MindSpore's CPU top-k is ~30x slower than a host partial sort (15.6 s against 0.5 s for
+            # 5.5M of 11M floats); on CPU the tensor is host memory already, and the value is the same
+            host = x.asnumpy()
+            return ms.Tensor(np.partition(host, n - k)[n - k:n - k + 1].reshape(()), dtype=x.dtype)
         if 2 * k <= n + 1:
             return msops.topk(x, k, sorted=True)[0][k - 1]
         return -msops.topk(-x, n - k + 1, sorted=True)[0][n - k]
