@@ -33,7 +33,7 @@ from typing import List, Optional
 
 import mindspore as ms
 
-from .ops import _DEVICE_ALIASES
+from .ops import _DEVICE_ALIASES, check_device  # noqa: F401  (the backend's check_device)
 
 
 def configure_process() -> None:

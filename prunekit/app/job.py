@@ -28,6 +28,7 @@ from prunekit.app.distributed import check_batch_size, parallel_backend, start_d
 from prunekit.app.plots import write_run_plots
 from prunekit.app.report import build_report, format_report, save_report
 from prunekit.app.run_state import RunProgress
+from prunekit.app.validation import check_run_config, check_run_environment
 from prunekit.contract.backend import check_backend_name, default_backend_name, get_backend
 from prunekit.contract.reference_models import check_model_name
 from prunekit.decisions.flops import count_handle
@@ -69,8 +70,10 @@ class RunConfig:
     resume: bool = False  # continue from <out>/checkpoint (an error if there is none)
     deterministic: bool = False  # deterministic kernels, one thread: bitwise-reproducible resumes on CPU
     latency_batch: int = 64  # channel pruning: batch of the dense-vs-compacted inference timing (0: none)
+    overwrite: bool = False  # replace the run already in <out> (without it, or resume, such an out is refused)
 
     def validate(self) -> "RunConfig":
+        check_run_config(self)  # types, ranges and choices of every field (prunekit.app.validation)
         self.backend = check_backend_name(self.backend)
         self.model = check_model_name(self.model)
         self.algorithm = algorithm_class(self.algorithm).name
@@ -158,6 +161,7 @@ def _evaluate(trainer, ds, cfg: RunConfig) -> float:
 def run(cfg: RunConfig, echo=print) -> dict:
     """Run the whole job; returns the report (also saved under ``cfg.out``)."""
     cfg.validate()
+    check_run_environment(cfg)  # the device and the output folder, before anything is read or written
     cfg, echo, comm = _start_data_parallel(cfg, echo)  # rank 0 alone prints and writes files
     # an algorithm that prunes at initialization scores the untrained model: no dense phase
     at_init = algorithm_class(cfg.algorithm).prunes_at_init
