@@ -24,6 +24,7 @@ import numpy as np
 from prunekit.algorithms import DEFAULT_ALGORITHM, algorithm_class, algorithm_config, make_algorithm, setting_types
 from prunekit.app import checkpoint
 from prunekit.app import data as datasets
+from prunekit.app.divergence import DivergenceError, failed_run
 from prunekit.app.distributed import check_batch_size, parallel_backend, start_distributed
 from prunekit.app.plots import write_run_plots
 from prunekit.app.report import build_report, format_report, save_report
@@ -138,7 +139,10 @@ def _train_epochs(trainer, ds, cfg: RunConfig, epochs: int, first_epoch: int, de
         for i, (x, y) in enumerate(datasets.batches(ds.x_train, ds.y_train, cfg.batch_size, seed=cfg.seed, epoch=epoch,
                                                      augment=cfg.augment and ds.name == "cifar10",
                                                      mean=ds.mean, std=ds.std, start_batch=start), start):
-            loss = trainer.train_step(x, y)
+            try:
+                loss = trainer.train_step(x, y)
+            except DivergenceError as e:  # no checkpoint of this step: the last good one stays
+                raise failed_run(e, cfg, progress) from None
             if progress is not None:
                 progress.after_step(trainer, algorithm, loss, len(y))
             if bar is not None:
