@@ -54,6 +54,8 @@ class FiniteGuard:
         self._grad_sums: List[object] = []
         self._grads: Optional[Dict[str, object]] = None
         self.enabled = True
+        #: the error once raised: the session refuses every later step (the weights hold NaN/Inf)
+        self.failed: Optional[DivergenceError] = None
 
     def note_loss(self, loss) -> None:
         """The step's loss (a 0-d tensor or a number): checked at :meth:`check`."""
@@ -84,7 +86,16 @@ class FiniteGuard:
             total = float("nan")
         if math.isfinite(total):
             return
-        self._explain(step, loss, grads)
+        try:
+            self._explain(step, loss, grads)
+        except DivergenceError as e:
+            self.failed = e
+            raise
+
+    def refuse_if_failed(self) -> None:
+        """Raise the divergence already found again (a caller that went on after it)."""
+        if self.failed is not None:
+            raise self.failed
 
     def _explain(self, step: int, loss, grads) -> None:
         """The failure path: find what is non-finite, first layer first, and raise."""

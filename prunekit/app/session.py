@@ -87,6 +87,7 @@ class SessionBase:
 
     # ------------------------------------------------------------------ the life cycle
     def before_step(self) -> None:
+        self.finite.refuse_if_failed()  # never decide from the NaN/Inf weights of a diverged step
         if self.algorithm is None:
             return
         self.algorithm.before_step(self.step)
@@ -141,6 +142,7 @@ class SessionBase:
         self.step += 1
 
     def finish(self) -> None:
+        self.finite.refuse_if_failed()
         if self.algorithm is not None:
             self.algorithm.finish()
             self._sync_optimizer_state()
