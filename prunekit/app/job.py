@@ -28,6 +28,7 @@ from prunekit.app.divergence import DivergenceError, failed_run
 from prunekit.app.distributed import check_batch_size, parallel_backend, start_distributed
 from prunekit.app.plots import write_run_plots
 from prunekit.app.report import build_report, format_report, save_report
+from prunekit.app.resume import init_decision, resume_at_init
 from prunekit.app.run_state import RunProgress
 from prunekit.app.validation import check_run_config, check_run_environment
 from prunekit.contract.backend import check_backend_name, default_backend_name, get_backend
@@ -170,8 +171,6 @@ def run(cfg: RunConfig, echo=print) -> dict:
     # an algorithm that prunes at initialization scores the untrained model: no dense phase
     at_init = algorithm_class(cfg.algorithm).prunes_at_init
     if at_init:
-        if cfg.resume:
-            raise ConfigError(f"{cfg.algorithm} runs cannot be resumed yet (the model is rebuilt at initialization)")
         if cfg.dense_epochs:
             echo(f"{cfg.algorithm} prunes at initialization: dense_epochs={cfg.dense_epochs} ignored")
             cfg = dataclasses.replace(cfg, dense_epochs=0)
@@ -199,7 +198,8 @@ def run(cfg: RunConfig, echo=print) -> dict:
                            cfg.out, backend, handle)
     if saved is not None:
         progress.load(saved)
-        handle.load_state_numpy(saved["model"])
+        if not at_init:  # an at-initialization run saved the model its decision built: loaded below
+            handle.load_state_numpy(saved["model"])
         backend.set_rng_state(saved["rng"]["framework"])
         checkpoint.set_host_rng_state(saved["rng"]["host"])
         echo(f"resuming from {checkpoint.describe(saved)} of {checkpoint.checkpoint_path(cfg.out)}")
@@ -228,6 +228,9 @@ def run(cfg: RunConfig, echo=print) -> dict:
         handle, init_extra = _prune_at_init(backend, handle, algorithm, ds, cfg, echo)
         progress.handle = handle  # checkpoints save the model that trains
         train_algorithm = algorithm.training_algorithm()
+        progress.decision = init_decision(algorithm)  # checkpointed; a resumed run must re-decide the same
+        if saved is not None:
+            resume_at_init(saved, handle, progress.decision, backend)
     # an algorithm that is itself the update rule names the optimizer it assumes
     overrides = algorithm.trainer_overrides()
     if overrides:
@@ -238,7 +241,8 @@ def run(cfg: RunConfig, echo=print) -> dict:
                               total_steps=prune_steps, **({"lr_schedule": overrides["lr_schedule"]}
                                                           if "lr_schedule" in overrides else {}))
     if saved is not None and saved.get("trainer_phase") == "prune":
-        algorithm.load_state_dict(saved["algorithm"])
+        if train_algorithm is not None:
+            train_algorithm.load_state_dict(saved["algorithm"])
         backend.restore_training_state(trainer, saved["optimizer"])
     progress.seconds["prune"] += _train_epochs(trainer, ds, cfg, cfg.prune_epochs, cfg.dense_epochs,
                                                f"pruning ({cfg.algorithm})", train_algorithm, progress=progress,
