@@ -1,7 +1,8 @@
 """A fork server for tests that kill real ``prunekit run`` processes (``test_resume.py``).
 
-Started once per backend with ``python run_forkserver.py <backend>``, it imports the backend,
-the command and matplotlib (seconds a process, paid once), then for each line
+Started once per backend with ``python run_forkserver.py <backend> [<dataset>,<train>,<test> ...]``, it imports the backend,
+the command and matplotlib (seconds a process, paid once; the data sets are read once too and
+inherited by the children), then for each line
 ``{"argv": [...], "log": path}`` on its stdin forks a child that runs ``prunekit <argv>`` with
 its output in ``log`` and prints ``pid <pid>`` at once, then ``exit <status>`` when the child
 ends (``-9`` for SIGKILL). The children are real processes, killed from outside by the test.
@@ -20,7 +21,22 @@ def main() -> None:
     import matplotlib.pyplot  # noqa: F401  (the run's plots, imported once)
 
     importlib.import_module(f"prunekit.backends.{backend}")
+    from prunekit.app import data
     from prunekit.app.cli import main as prunekit_main
+
+    # each data set is read once, here, and inherited by the children (what is tested is the run)
+    load, cache = data.load_dataset, {}
+
+    def load_once(*args, **kwargs):
+        key = repr((args, sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = load(*args, **kwargs)
+        return cache[key]
+
+    data.load_dataset = load_once
+    for spec in sys.argv[2:]:  # "<dataset>,<train limit>,<test limit>": read now, before any fork
+        name, train, test = spec.split(",")
+        load_once(name, root=None, train_limit=int(train), test_limit=int(test))
 
     print("ready", flush=True)
     for line in sys.stdin:

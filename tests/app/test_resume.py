@@ -330,7 +330,7 @@ class ForkServer:
 
     def __init__(self, backend):
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.proc = subprocess.Popen([sys.executable, SERVER, backend], cwd=ROOT, env=env, text=True,
+        self.proc = subprocess.Popen([sys.executable, SERVER, backend, "mnist,64,32"], cwd=ROOT, env=env, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         assert self.proc.stdout.readline().strip() == "ready"
 

@@ -1,0 +1,82 @@
+"""Per-step cost of the divergence check (``prunekit.app.divergence.FiniteGuard``).
+
+For each backend: two trainers on identical ResNet-20 copies with magnitude pruning (masks set,
+the steady state), one with the end-of-step finite check and one with it switched off
+(``session.finite.enabled = False``). Steps alternate between the two in blocks and the medians
+are compared, so the ratio is measured side by side in one process. With --write the figures go
+to benchmarks/RESULTS.md.
+
+    python benchmarks/finite_check_overhead.py [--backends torch,mindspore] [--batch 128] [--rounds 6] [--write]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from prunekit.app import data  # noqa: E402
+from prunekit.algorithms.magnitude import MagnitudeConfig, MagnitudePruner  # noqa: E402
+from prunekit.contract.backend import get_backend  # noqa: E402
+from results import machine, write_section  # noqa: E402
+
+
+def measure(name: str, batches, rounds: int, block: int) -> dict:
+    backend = get_backend(name)
+    total = 10_000
+    trainers = {}
+    for label in ("checked", "unchecked"):
+        handle = backend.model_handle("resnet20", seed=0)
+        algo = MagnitudePruner(MagnitudeConfig(sparsity=0.9, schedule="oneshot", begin_fraction=0.0, frequency=total))
+        trainers[label] = backend.Trainer(handle, algo, "sgd", 0.05, 0.9, 5e-4, total_steps=total,
+                                          lr_schedule="constant")
+    trainers["unchecked"].session.finite.enabled = False
+    x, y = batches[0]
+    for t in trainers.values():
+        for _ in range(2):
+            float(t.train_step(x, y))
+    times = {k: [] for k in trainers}
+    i = 0
+    for r in range(rounds):
+        order = ("checked", "unchecked") if r % 2 == 0 else ("unchecked", "checked")
+        for label in order:
+            for _ in range(block):
+                bx, by = batches[i % len(batches)]
+                i += 1
+                t0 = time.perf_counter()
+                float(trainers[label].train_step(bx, by))  # forces the step to finish on every backend
+                times[label].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()} | {"steps": len(times["checked"])}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backends", default="torch,mindspore")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--block", type=int, default=3)
+    p.add_argument("--write", action="store_true")
+    args = p.parse_args(argv)
+    ds = data.load_dataset("cifar10", train_limit=8 * args.batch, test_limit=10)
+    batches = list(data.batches(ds.x_train, ds.y_train, args.batch, seed=0, epoch=0, mean=ds.mean, std=ds.std))
+    rows = []
+    for name in [b for b in args.backends.split(",") if b]:
+        r = measure(name, batches, args.rounds, args.block)
+        overhead = r["checked"] / r["unchecked"] - 1
+        print(f"{name}: with the finite check {r['checked']:.1f} ms/step, without {r['unchecked']:.1f} ms/step "
+              f"-> {overhead:+.2%} ({r['steps']} steps each)")
+        rows.append(f"| {name} | {r['unchecked']:.1f} ms | {r['checked']:.1f} ms | {overhead:+.2%} | {r['steps']} |")
+    if args.write:
+        write_section(f"Divergence check overhead, ResNet-20, batch {args.batch}, CPU",
+                      [f"Machine: {machine()}. Command: `python benchmarks/finite_check_overhead.py --write`. "
+                       "Other work loaded the machine meanwhile: the ratio, measured side by side, is the figure.",
+                       "", "| backend | step without check | step with check | overhead | steps each |",
+                       "| --- | --- | --- | --- | --- |", *rows])
+
+
+if __name__ == "__main__":
+    main()
