@@ -260,7 +260,7 @@ def test_every_algorithm_state_dict_continues_a_run_exactly(backend_name, name, 
     like the uninterrupted run (so a new algorithm that forgets some state fails here). MindSpore:
     RPG, whose rank machinery runs on the host there (NumPy state beside device tensors)."""
     if algorithm_class(name).prunes_at_init:
-        pytest.skip(f"{name} prunes at initialization; the job does not resume such runs")
+        pytest.skip(f"{name} decides at initialization (a resume re-makes that decision: the kill matrix below)")
     backend = get_backend(backend_name)
     rng = np.random.default_rng(0)
     steps, stop = 8, 4  # RPG: the regrowth scores of step 3 are used by the mask update of step 4
