@@ -89,8 +89,9 @@ def main(argv=None):
                     f"{r['check_ms']:.2f} ms ({r['check_ms'] / r['unchecked']:.2%}) |")
     if args.write:
         write_section(f"Divergence check overhead, ResNet-20, batch {args.batch}, CPU",
-                      [f"Machine: {machine()}. Command: `python benchmarks/finite_check_overhead.py --write`. "
-                       "Other work loaded the machine meanwhile: the ratio, measured side by side, is the figure.",
+                      [f"Machine: {machine()}. Command: `python benchmarks/finite_check_overhead.py --batch "
+                       f"{args.batch} --rounds {args.rounds} --block {args.block} --write`. On a loaded machine "
+                       "whole-step times move by +-15 % from run to run: the check timed alone is the figure to read.",
                        "", "| backend | step without check | step with check | overhead | steps each | the check alone |",
                        "| --- | --- | --- | --- | --- | --- |", *rows])
 
