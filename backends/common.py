@@ -44,6 +44,9 @@ class DelegatingBackend(Backend):
     def configure_process(self) -> None:
         self._module("runtime").configure_process()
 
+    def check_device(self, device: Optional[str]) -> None:
+        self._module("runtime").check_device(device)
+
     # ------------------------------------------------------------------ models
     def _build_model(self, name: str, num_classes: int, in_channels: int, width: int, device: Optional[str]):
         """The framework model of reference model ``name`` (``models.build_model``), on ``device``;

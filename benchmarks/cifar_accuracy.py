@@ -50,7 +50,7 @@ def main(argv=None):
         cfg = RunConfig(backend=args.backend, model=args.model, dataset="cifar10", dense_epochs=0,
                         prune_epochs=args.epochs, train_limit=limit, test_limit=None, lr=0.1,
                         end_fraction=0.8, out=os.path.join("runs", "bench", label.split()[0].lower()),
-                        progress=False, **extra)
+                        progress=False, overwrite=True, **extra)
         t0 = time.perf_counter()
         report = run(cfg, echo=lambda *a: None)
         seconds = time.perf_counter() - t0

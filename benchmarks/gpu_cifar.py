@@ -141,7 +141,12 @@ def main(argv=None):
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     log = []
     if os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        # weights_only: tensors, plain data and the NumPy arrays of the algorithm's state, nothing callable
+        numpy_types = [np.core.multiarray._reconstruct, np.ndarray, np.dtype] + [
+            getattr(np.dtypes, n) for n in ("Float32DType", "Float64DType", "Int64DType", "Int32DType", "BoolDType",
+                                            "UInt8DType")]
+        with torch.serialization.safe_globals(numpy_types):
+            ck = torch.load(ckpt_path, map_location=device, weights_only=True)
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         session.step = ck["step"]

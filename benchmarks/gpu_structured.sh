@@ -16,7 +16,7 @@ job() {  # name, args...
     local name=$1; shift
     mkdir -p runs/gpu/$name
     setsid nohup $py -m prunekit run --backend torch --device cuda --data-root $root --train-limit all \
-        --test-limit all --no-progress --out runs/gpu/$name "$@" >runs/gpu/$name/log.txt 2>&1 < /dev/null &
+        --test-limit all --no-progress --overwrite --out runs/gpu/$name "$@" >runs/gpu/$name/log.txt 2>&1 < /dev/null &
 }
 job dsa20   --model resnet20 --algorithm dsa --set budget=0.5 --dense-epochs $ed --prune-epochs $ep
 job chan20  --model resnet20 --algorithm channel --set keep_ratio=0.5 --dense-epochs $ed --prune-epochs $ep

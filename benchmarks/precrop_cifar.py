@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         else:
             cfg = RunConfig(backend=args.backend, model=args.model, algorithm="precrop", sparsity=args.sparsity,
                             dense_epochs=0, prune_epochs=args.epochs, train_limit=args.train_limit,
-                            test_limit=args.test_limit, out=out, progress=False,
+                            test_limit=args.test_limit, out=out, progress=False, overwrite=True,
                             params={"score": args.score, **params})
             report = run(cfg, echo=lambda *a: None)
         init, totals = report["at_initialization"], report["totals"]

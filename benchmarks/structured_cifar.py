@@ -55,7 +55,7 @@ def _job(args, name, model, algorithm, dense, prune, train_limit, params, sparsi
     out = os.path.join(args.out, name)
     cfg = RunConfig(backend=args.backend, model=model, algorithm=algorithm, sparsity=sparsity, dense_epochs=dense,
                     prune_epochs=prune, train_limit=train_limit, test_limit=args.test_limit, out=out,
-                    progress=False, params=dict(params), seed=args.seed)
+                    progress=False, params=dict(params), seed=args.seed, overwrite=True)
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {model} {algorithm} {params} epochs {dense}+{prune}, "
           f"{train_limit} images", flush=True)
     try:

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from prunekit.contract.backend import get_backend
-from prunekit.errors import BackendUnavailable
+from prunekit.errors import BackendUnavailable, ConfigError
 
 from .cases import Case, Tol, all_cases
 
@@ -134,7 +134,24 @@ def save(rows: List[Row], folder: str) -> None:
                     f"{'PASS' if r.passed else 'FAIL'} |\n")
 
 
+def check_request(backends: List[str], out: str, select: Optional[str] = None) -> None:
+    """Refuse, before any case runs, a request that cannot check anything: no backend, an
+    unknown backend name, a selection that matches no case, an output path that is a file."""
+    from prunekit.contract.backend import check_backend_name
+
+    if not backends:
+        raise ConfigError("--backends names no backend")
+    for b in backends:
+        check_backend_name(b)
+    if select is not None and not any(select in case.name for case in all_cases()):
+        raise ConfigError(f"-k {select!r} matches no conformance case (case names look like "
+                          f"{all_cases()[0].name!r})")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out {out!r} is a file; name a folder for the summary")
+
+
 def main(backends: List[str], out: str = "conformance-results", select: Optional[str] = None) -> int:
+    check_request(backends, out, select)
     rows = run_cases(backends, select)
     table = format_table(rows)
     print(table)

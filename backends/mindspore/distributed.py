@@ -19,7 +19,7 @@ through ``nn.DistributedGradReducer`` (an all-reduce, mean over ranks) first thi
 ``transform_gradients``, before the algorithm's hooks, so RigL's dense gradients in
 ``observe_gradients`` are the global batch's. Every rank then takes the same optimizer step and
 the run matches a single process over the same global batches up to the order of the float
-reductions. The :class:`~prunekit.app.distributed.ConsistencyGuard` broadcasts rank 0's masks on
+reductions, which training amplifies (docs/DECISIONS.md, "Data-parallel training": bounds). The :class:`~prunekit.app.distributed.ConsistencyGuard` broadcasts rank 0's masks on
 every change and checks decisions and weights at ``finish``. BatchNorm uses each rank's own
 batch statistics; the running statistics are averaged over ranks at ``finish`` and before
 evaluating.

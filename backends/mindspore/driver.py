@@ -348,6 +348,7 @@ class Trainer:
             if self.session.should_step():
                 # mutable: a plain tuple of tensors would be compiled in as constants (recompiling each step)
                 self._apply(ms.mutable(tuple(grads)))
+        self.session.finite.note_loss(loss)  # checked with the weights at the step's end
         self.session.after_optimizer_step(weights_masked=fused)
         #: correct predictions in the batch just trained on, a 0-d tensor (no host sync)
         self.last_correct = correct

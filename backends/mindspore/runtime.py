@@ -39,7 +39,7 @@ import mindspore as ms
 
 from prunekit.errors import ConfigError
 
-from .ops import _DEVICE_ALIASES
+from .ops import _DEVICE_ALIASES, check_device  # noqa: F401  (the backend's check_device)
 
 
 def _set_device_called() -> Optional[bool]:

@@ -13,7 +13,8 @@ each process then uses ``cuda:<LOCAL_RANK>``)::
 DDP averages the gradients during the backward pass, so the algorithm's hooks (RigL's dense
 gradients in ``observe_gradients`` included) see the gradient of the global batch, and every
 rank takes the same optimizer step: the run matches a single process over the same global
-batches up to the order of the float reductions. :class:`DistributedSession` adds the
+batches up to the order of the float reductions, which training amplifies (docs/DECISIONS.md,
+"Data-parallel training": bounds). :class:`DistributedSession` adds the
 :class:`~prunekit.app.distributed.ConsistencyGuard` (masks broadcast from rank 0 on every change
 and compared; a final check of decisions and weights). BatchNorm uses each rank's own batch
 statistics (as DDP does without SyncBatchNorm, which PyTorch supports on GPUs only); the

@@ -108,6 +108,7 @@ class Trainer:
         self.session.after_backward()
         if self.session.should_step():
             self.optimizer.step()
+        self.session.finite.note_loss(loss.detach())  # checked with the weights at the step's end
         self.session.after_optimizer_step()
         #: correct predictions in the batch just trained on, a 0-d tensor (no host sync)
         self.last_correct = (logits.detach().argmax(1) == yb).sum()

@@ -417,6 +417,26 @@ class DSAPruner(Algorithm):
                             for i in self._group_indices()}
         self.gates.set(masks)
 
+    def _restore_decision(self, counts: np.ndarray, keep: dict) -> None:
+        """Set the channel decision of a checkpoint (counts and kept indices), as :meth:`_finalize` made it."""
+        masks, channel_keep = {}, {}
+        for i in self._group_indices():
+            g = self.groups[i]
+            if g.name not in keep:
+                raise PlanError(f"dsa state has no kept channels for group {g.name!r}")
+            kept = np.asarray(keep[g.name], np.int64)
+            if len(kept) != int(counts[i]) or (len(kept) and (kept.min() < 0 or kept.max() >= g.size)):
+                raise PlanError(f"dsa state's kept channels of group {g.name!r} do not fit its count or size")
+            channel_keep[g.name] = kept
+            m = np.zeros(g.size, dtype=np.float32)
+            m[kept] = 1.0
+            masks[g.name] = m
+        self.final_counts = counts
+        self.channel_keep = channel_keep
+        self.keep_ratios = {self.groups[i].name: float(counts[i]) / float(self.groups[i].size)
+                            for i in self._group_indices()}
+        self.gates.set(masks)
+
     def finish(self) -> None:
         if self.final_counts is None:
             self._finalize()
@@ -469,6 +489,8 @@ class DSAPruner(Algorithm):
                         "adam_v": self._v.copy(), "arch_steps": int(self._arch_steps),
                         "validation_batches": int(self._val_used),
                         "final_counts": None if self.final_counts is None else self.final_counts.copy()}
+        if self.final_counts is not None:  # the channel decision itself: a resume must not re-decide it
+            state["dsa"]["channel_keep"] = {k: np.asarray(v, np.int64) for k, v in self.channel_keep.items()}
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -488,5 +510,9 @@ class DSAPruner(Algorithm):
         self._val_used = self._val_skip
         if own.get("final_counts") is not None:
             counts = np.asarray(own["final_counts"], dtype=np.int64)
-            self.alpha = counts / self.flops_model.sizes
-            self._finalize()
+            keep = own.get("channel_keep")
+            if isinstance(keep, dict):  # the saved decision, not one re-made from the weights of now
+                self._restore_decision(counts, keep)
+            else:  # a checkpoint from before decisions were saved
+                self.alpha = counts / self.flops_model.sizes
+                self._finalize()

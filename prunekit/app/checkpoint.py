@@ -44,7 +44,7 @@ _PARTIAL = ".tmp-"
 
 #: run settings that do not change what a run computes, so a resume may change them
 NEUTRAL_SETTINGS = ("out", "progress", "resume", "checkpoint_every", "data_root", "device", "deterministic",
-                    "distributed")
+                    "distributed", "overwrite")
 
 
 class CheckpointError(PlanError):

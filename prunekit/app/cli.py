@@ -25,7 +25,22 @@ from prunekit.errors import ConfigError, PrunekitError
 
 
 def _none_or_int(text: str):
-    return None if str(text).lower() in ("none", "all", "0") else int(text)
+    """``all``/``none``: the whole set; otherwise a whole number (0 and below are refused by the
+    run's validation, naming the key)."""
+    if str(text).lower() in ("none", "all"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of images or 'all', got {text!r}") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """Command-line mistakes (an unknown flag, ``--lr abc``) end like every other prunekit error:
+    one ``prunekit: error:`` line, exit status 2 (``--help`` shows the usage)."""
+
+    def error(self, message):
+        self.exit(2, f"prunekit: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -94,6 +109,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="STEPS",
                    help="steps between checkpoints in OUT/checkpoint (default: once per epoch, and at phase ends; "
                         "0: none)")
+    p.add_argument("--overwrite", action="store_true", default=d.overwrite,
+                   help="replace the run already in OUT (without it, an OUT holding a run is refused)")
     p.add_argument("--resume", action="store_true", default=d.resume,
                    help="continue the run from OUT/checkpoint (an error if there is none or it does not match)")
     p.add_argument("--deterministic", action="store_true", default=d.deterministic,
@@ -123,16 +140,24 @@ def parse_settings(items: List[str], option: str = "--set") -> dict:
         if not sep or not key.strip():
             raise ConfigError(f"{option} expects KEY=VALUE, got {item!r}")
         try:
-            out[key.strip()] = yaml.safe_load(value)
+            parsed = yaml.safe_load(value)
         except yaml.YAMLError:
-            out[key.strip()] = value
+            parsed = value
+        if isinstance(parsed, str):  # YAML 1.1 reads 1e-3 as text: a number written so is a number
+            for kind in (int, float):
+                try:
+                    parsed = kind(parsed)
+                    break
+                except ValueError:
+                    pass
+        out[key.strip()] = parsed
     return out
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="prunekit", description="Neural-network pruning on "
+    parser = _Parser(prog="prunekit", description="Neural-network pruning on "
                                      + " and ".join(s.title or s.name for s in backend_specs()) + ".")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run_parser = sub.add_parser("run", help="train, prune and report on a reference model or your own")
     _add_run_args(run_parser)
     conf = sub.add_parser("conformance", help="check that the backends make identical decisions")
@@ -206,6 +231,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
     except PrunekitError as e:
         print(f"prunekit: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the machine refused a read or write (full disk, permissions changed meanwhile)
+        print(f"prunekit: error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", file=sys.stderr)
         return 2
     return 1
 

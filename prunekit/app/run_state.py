@@ -59,6 +59,8 @@ class RunProgress:
         self.epoch_seen = 0
         self._pending_correct: list = []
         self.last_sparsity = 0.0
+        #: a decision made before training (an at-initialization algorithm's), checkpointed as is
+        self.decision = None
 
     # ------------------------------------------------------------------ position
     def phase_of(self, step: int) -> str:
@@ -138,6 +140,7 @@ class RunProgress:
             "algorithm": algorithm.state_dict() if algorithm is not None else None,
             "rng": {"framework": self.backend.rng_state(), "host": ckpt.host_rng_state()},
             "run": self.state_dict(),
+            "decision": self.decision,
         }
         ckpt.save_checkpoint(self.out, state)
         self.checkpoints_written += 1

@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Tuple
 
 from prunekit.app.distributed import ConsistencyGuard, average_running_stats, broadcast_state, world
+from prunekit.app.divergence import FiniteGuard
 from prunekit.errors import ConfigError
 
 #: the optimizers every backend's ``optimizers.make_optimizer`` builds, with the same semantics on each
@@ -54,6 +55,8 @@ class SessionBase:
         self._weights = {l.name: handle.module(l.name).weight for l in handle.layers}
         self._masks_seen = None  # the algorithm's masks dict the lists below were built from
         self._masked: Tuple[list, list] = ([], [])
+        #: the end-of-step NaN/Inf check (prunekit.app.divergence); the trainer notes its loss
+        self.finite = FiniteGuard(handle, self._weights)
         self._attach_optimizer()
         if algorithm is not None:
             algorithm.bind(handle, total_steps)
@@ -84,6 +87,7 @@ class SessionBase:
 
     # ------------------------------------------------------------------ the life cycle
     def before_step(self) -> None:
+        self.finite.refuse_if_failed()  # never decide from the NaN/Inf weights of a diverged step
         if self.algorithm is None:
             return
         self.algorithm.before_step(self.step)
@@ -94,7 +98,9 @@ class SessionBase:
         layer name; returns the gradients to step with (entries may be the given tensors)."""
         algo, step = self.algorithm, self.step
         if algo.needs_dense_gradients(step):
-            algo.observe_gradients(step, self._dense_copy(grads))
+            dense = self._dense_copy(grads)
+            self.finite.note_gradients(dense)  # checked before any decision can use them
+            algo.observe_gradients(step, dense)
         grads = self._mask_gradients(grads, algo.masks)
         if self.adds_terms:
             terms = self.additive_terms()
@@ -129,11 +135,14 @@ class SessionBase:
             weights, masks = self._masked_weights()
             if weights and not weights_masked:
                 self._mask_weights(weights, masks)
+        self.finite.check(self.step)  # raises DivergenceError before after_step can decide from NaN/Inf
+        if self.algorithm is not None:
             self.algorithm.after_step(self.step)
             self._sync_optimizer_state()
         self.step += 1
 
     def finish(self) -> None:
+        self.finite.refuse_if_failed()
         if self.algorithm is not None:
             self.algorithm.finish()
             self._sync_optimizer_state()

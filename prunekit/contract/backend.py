@@ -72,6 +72,11 @@ class Backend(abc.ABC):
         thread pools, library caps). The backend package calls it once on import; calling it
         again changes nothing already chosen. Does nothing unless a backend overrides it."""
 
+    def check_device(self, device: Optional[str]) -> None:
+        """Refuse (:class:`prunekit.errors.ConfigError`, naming the device and what is allowed) a
+        ``device`` this process cannot use, before any data is read; None is always accepted.
+        Accepts everything unless a backend overrides it."""
+
     # ------------------------------------------------------------------ models
     @abc.abstractmethod
     def model_handle(self, name: str, num_classes: int = 10, in_channels: int = 3, image_size: int = 32,

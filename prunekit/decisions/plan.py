@@ -82,10 +82,11 @@ class PruningPlan:
             if not os.path.exists(npz_path):
                 raise PlanError(f"pruning plan {json_path} names masks but {npz_path} is missing")
             try:
-                with np.load(npz_path) as z:
-                    masks = {k: z[k].astype(bool) for k in z.files}
-            except Exception as e:  # zipfile/npy errors of many kinds
+                with np.load(npz_path, allow_pickle=False) as z:
+                    raw = {k: z[k] for k in z.files}
+            except Exception as e:  # zipfile/npy errors of many kinds (an object array: refused, never unpickled)
                 raise PlanError(f"mask file {npz_path} is damaged: {e}") from None
+            masks = {k: check_binary_mask(k, m, npz_path) for k, m in raw.items()}
             missing = sorted(set(wanted) - set(masks))
             if missing:
                 raise PlanError(f"mask file {npz_path} lacks masks for {missing[:3]}")
@@ -120,7 +121,25 @@ class PruningPlan:
             extra = sorted(set(theirs) - set(mine))
             raise PlanError(f"model has layers the plan does not know: {extra[:3]}")
         for n, m in self.masks.items():
+            check_binary_mask(n, m, "plan")
             if n not in theirs:
                 raise PlanError(f"plan has a mask for layer {n!r}, which this model does not have")
             if tuple(m.shape) != theirs[n]:
                 raise PlanError(f"plan's mask for {n!r} has shape {tuple(m.shape)}, the weight is {theirs[n]}")
+
+
+def check_binary_mask(name: str, mask, where: str) -> np.ndarray:
+    """``mask`` as booleans if every entry is 0 or 1 (or a boolean); otherwise :class:`PlanError`
+    naming the layer and the first other value (a mask of 0.5s, or of weights, is not a decision
+    a plan can replay: reading it as ``!= 0`` would keep everything)."""
+    m = np.asarray(mask)
+    if m.dtype == bool:
+        return m
+    if m.dtype.kind not in "biuf":
+        raise PlanError(f"{where}: mask {name!r} holds {m.dtype} values; a mask holds 0/1 (or booleans)")
+    bad = ~((m == 0) | (m == 1))
+    if bad.any():
+        value = m[bad].flat[0]
+        raise PlanError(f"{where}: mask {name!r} holds {int(bad.sum())} value(s) other than 0 and 1 "
+                        f"(first: {value!r}); a mask holds 0/1 (or booleans)")
+    return m.astype(bool)

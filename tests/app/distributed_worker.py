@@ -73,6 +73,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--algorithms", default="magnitude,rpg,trp")
     p.add_argument("--graph-mode", action="store_true", help="MindSpore: train in GRAPH_MODE")
+    p.add_argument("--steps", type=int, default=STEPS, help="global batches trained on (default %(default)s)")
     args = p.parse_args(argv)
     backend = get_backend(args.backend)
     if args.graph_mode:
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)
     comm = start_distributed(backend)
     trainer_cls = trainer_class(backend, comm)
-    batches = global_batches()
+    batches = global_batches(args.steps)
     os.makedirs(args.out, exist_ok=True)
     for name in args.algorithms.split(","):
         result = train(backend, name, batches, trainer_cls)

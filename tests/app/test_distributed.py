@@ -3,9 +3,10 @@
 Each run trains ``mnist_cnn`` (no BatchNorm) on real CIFAR-10 images (``tests/app/distributed_worker.py``)
 with magnitude pruning, RPG (RigL regrowth from the dense gradient, the rank term) and TRP
 (the rank projection), once data-parallel over 2 processes and once in a single process over
-the same global batches. Checked: both ranks hold bit-identical masks, ranks and weights; masks
-and ranks equal the single-process run's exactly; weights equal it within ``WEIGHT_ATOL``
-(the two runs sum the gradients in a different order). Plus the guard on its own (a rank whose
+the same global batches. Checked: both ranks hold bit-identical masks, ranks and weights; against
+the single-process run, ranks and the number of kept entries are equal, and which entries are
+kept and the weights agree within ``MASK_DISAGREEMENT`` and ``WEIGHT_ATOL`` for the run length
+(the two runs sum the gradients in a different order, and training amplifies the rounding). Plus the guard on its own (a rank whose
 masks differ adopts rank 0's, or the run stops), the CLI under torchrun (rank 0 alone writes),
 and the errors for a missing launcher or a batch that does not split.
 """
@@ -27,10 +28,19 @@ from prunekit.errors import ConfigError
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/<group>/<file>
 VENV_BIN = os.path.dirname(sys.executable)
 WORKER = os.path.join(ROOT, "tests", "app", "distributed_worker.py")
-#: max |w_data_parallel - w_single| per parameter, after 8 steps. Measured on 2 CPU cores:
-#: magnitude/RPG <= 1.5e-5; TRP 1.5e-4, because its rank projection amplifies float rounding
-#: (a single-process TRP run on 2 threads instead of 1 differs from itself by the same 1.5e-4).
-WEIGHT_ATOL = {"magnitude": 1e-4, "rpg": 1e-4, "trp": 1e-3}
+#: max |w_data_parallel - w_single| per parameter, by run length. Data parallel sums the gradient
+#: in another order than one process, and training amplifies the rounding: after 8 steps
+#: magnitude/RPG <= 1.5e-5, TRP 1.5e-4 (its rank projection amplifies rounding; a single-process
+#: TRP run on 2 threads instead of 1 differs from itself by as much); after 32 steps (torchrun,
+#: 2 CPU cores) magnitude 0.038, RPG 0.050, TRP 0.0095, once mask entries near the threshold
+#: have flipped. Bounds: about 3x the measured values.
+WEIGHT_ATOL = {8: {"magnitude": 1e-4, "rpg": 1e-4, "trp": 1e-3}, 32: {"magnitude": 0.12, "rpg": 0.15, "trp": 0.03}}
+#: share of mask entries allowed to differ from the single-process run, by run length (measured:
+#: 0 after 8 steps; 620 and 388 of 456,288 (0.14 %, 0.09 %) after 32; 2.1 % and 2.4 % after 128,
+#: see docs/DECISIONS.md). The number kept per decision is always exactly the same.
+MASK_DISAGREEMENT = {8: 0.0, 32: 0.005}
+#: global batches of the torchrun comparison (msrun: the worker's 8, for time)
+TORCH_STEPS = 32
 
 
 def _free_port() -> int:
@@ -57,7 +67,7 @@ def _run_both(launch_cmd, single_cmd, timeout=300):
         assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{out[-4000:]}"
 
 
-def _check(single_dir, dp_dir, algorithms):
+def _check(single_dir, dp_dir, algorithms, steps=8):
     for name in algorithms:
         ref = np.load(os.path.join(single_dir, f"{name}_rank0.npz"))
         r0 = np.load(os.path.join(dp_dir, f"{name}_rank0.npz"))
@@ -67,11 +77,15 @@ def _check(single_dir, dp_dir, algorithms):
             assert np.array_equal(r0[key], r1[key]), f"{name}: {key} differs between ranks"
         masks = [k for k in ref.files if k.startswith("mask/")]
         ranks = [k for k in ref.files if k.startswith("rank/")]
-        for key in masks + ranks:
+        for key in ranks:
             assert np.array_equal(r0[key], ref[key]), f"{name}: {key} differs from the single-process run"
+        if masks:  # the same number kept; which entries, within the stated share
+            assert sum(int(r0[k].sum()) for k in masks) == sum(int(ref[k].sum()) for k in masks)
+            differ = sum(int((r0[k] != ref[k]).sum()) for k in masks) / sum(ref[k].size for k in masks)
+            assert differ <= MASK_DISAGREEMENT[steps], f"{name}: {differ:.3%} of mask entries differ"
         for key in (k for k in ref.files if k.startswith("w/")):
             err = float(np.max(np.abs(r0[key] - ref[key])))
-            assert err <= WEIGHT_ATOL[name], f"{name}: {key} off by {err:.2e} from the single-process run"
+            assert err <= WEIGHT_ATOL[steps][name], f"{name}: {key} off by {err:.2e} from the single-process run"
         assert int(r0["mismatched_entries"]) == 0  # decisions were identical, not patched by the guard
         if name in ("magnitude", "rpg"):
             assert masks and int(r0["mask_syncs"]) >= 2  # the masks changed and were compared
@@ -86,9 +100,11 @@ def test_torch_ddp_equals_single_process(tmp_path):
     algorithms = ["magnitude", "rpg", "trp"]
     dp, single = str(tmp_path / "dp"), str(tmp_path / "single")
     _run_both([os.path.join(VENV_BIN, "torchrun"), "--nproc_per_node=2", f"--master_port={_free_port()}",
-               WORKER, "--backend", "torch", "--out", dp, "--algorithms", ",".join(algorithms)],
-              [sys.executable, WORKER, "--backend", "torch", "--out", single, "--algorithms", ",".join(algorithms)])
-    _check(single, dp, algorithms)
+               WORKER, "--backend", "torch", "--out", dp, "--algorithms", ",".join(algorithms),
+               "--steps", str(TORCH_STEPS)],
+              [sys.executable, WORKER, "--backend", "torch", "--out", single, "--algorithms", ",".join(algorithms),
+               "--steps", str(TORCH_STEPS)])
+    _check(single, dp, algorithms, TORCH_STEPS)
 
 
 def test_mindspore_msrun_equals_single_process(tmp_path):

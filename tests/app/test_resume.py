@@ -260,7 +260,7 @@ def test_every_algorithm_state_dict_continues_a_run_exactly(backend_name, name, 
     like the uninterrupted run (so a new algorithm that forgets some state fails here). MindSpore:
     RPG, whose rank machinery runs on the host there (NumPy state beside device tensors)."""
     if algorithm_class(name).prunes_at_init:
-        pytest.skip(f"{name} prunes at initialization; the job does not resume such runs")
+        pytest.skip(f"{name} decides at initialization (a resume re-makes that decision: the kill matrix below)")
     backend = get_backend(backend_name)
     rng = np.random.default_rng(0)
     steps, stop = 8, 4  # RPG: the regrowth scores of step 3 are used by the mask update of step 4
@@ -308,3 +308,113 @@ def test_every_algorithm_state_dict_continues_a_run_exactly(backend_name, name, 
     for k in plan_a.masks:
         np.testing.assert_array_equal(plan_a.masks[k], plan_b.masks[k], err_msg=f"{name}: mask {k}")
     assert plan_a.ranks == plan_b.ranks
+
+
+# ---------------------------------------------------------------------------- every algorithm, both backends
+# 64 MNIST images, batch 16, no dense phase, 1 pruning epoch: 4 steps (DSA: 3, a tenth held out),
+# a checkpoint after each; the kill lands after the checkpoint of the step before the last, when
+# every algorithm has made its decisions (DSA searches over the first third here). DSA needs
+# BatchNorm (ResNet-20 on 28x28 grey images); the rest use the MNIST CNN. PreCropping scores
+# with SNIP on one batch (SynFlow's 100 rounds cost more than the rest of the case).
+MATRIX = ["--dataset", "mnist", "--train-limit", "64", "--test-limit", "32", "--batch-size", "16",
+          "--dense-epochs", "0", "--prune-epochs", "1", "--sparsity", "0.5", "--checkpoint-every", "1",
+          "--deterministic", "--no-progress", "--latency-batch", "0"]
+MATRIX_MODEL = {"dsa": "resnet20"}
+MATRIX_SETTINGS = {"dsa": ["--set", "end_fraction=0.34"], "precrop": ["--set", "score=snip", "--set", "batches=1"]}
+SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_forkserver.py")
+
+
+class ForkServer:
+    """Runs ``prunekit`` in children forked from one process that imported the backend once
+    (``run_forkserver.py``); each child is a real process, SIGKILLed from here."""
+
+    def __init__(self, backend):
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.proc = subprocess.Popen([sys.executable, SERVER, backend, "mnist,64,32"], cwd=ROOT, env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def run(self, argv, out, resume=False, kill_when=None, timeout=300):
+        """``(exit status, output)`` of ``prunekit run argv --out out``; with ``kill_when(position,
+        writing)``, SIGKILLed as soon as it holds for the checkpoint on disk."""
+        log = f"{out}.log"
+        argv = ["run", *argv, "--out", str(out)] + (["--resume"] if resume else [])
+        self.proc.stdin.write(json.dumps({"argv": argv, "log": log}) + "\n")
+        self.proc.stdin.flush()
+        pid = int(self.proc.stdout.readline().split()[1])
+        if kill_when is not None:
+            _watch_and_kill_pid(pid, str(out), kill_when, time.monotonic() + timeout)
+        status = int(self.proc.stdout.readline().split()[1])
+        with open(log) as f:
+            return status, f.read()
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(30)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _watch_and_kill_pid(pid, out, kill_when, deadline, poll=0.001):
+    folder, state = ckpt.checkpoint_dir(out), ckpt.checkpoint_path(out)
+    partial = ckpt.temporary_name(ckpt.FILENAME, pid)
+    seen, position = None, None
+    while _alive(pid) and time.monotonic() < deadline:
+        try:
+            st = os.stat(state)
+        except FileNotFoundError:
+            st = None
+        if st is not None and (st.st_ino, st.st_mtime_ns) != seen:
+            seen, position = (st.st_ino, st.st_mtime_ns), ckpt.read_checkpoint(state)["position"]
+        writing = os.path.exists(os.path.join(folder, partial))
+        if position is not None and kill_when(position, writing):
+            os.kill(pid, signal.SIGKILL)
+            return
+        time.sleep(poll)
+
+
+@pytest.fixture(scope="module")
+def fork_servers():
+    servers = {}
+    yield lambda b: servers[b] if b in servers else servers.setdefault(b, ForkServer(b))
+    for s in servers.values():
+        s.close()
+
+
+def _after_last_decision(position, writing):
+    return position["step"] >= position["total_steps"] - 1
+
+
+def _in_the_final_writes(position, writing):
+    return position["step"] >= position["total_steps"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "mindspore"])
+@pytest.mark.parametrize("name", sorted(algorithm_names()))
+def test_every_algorithm_killed_after_its_decisions_resumes_bitwise(fork_servers, backend, name, tmp_path):
+    server = fork_servers(backend)
+    args = ["--backend", backend, "--algorithm", name, "--model", MATRIX_MODEL.get(name, "mnist_cnn"), *MATRIX,
+            *MATRIX_SETTINGS.get(name, [])]
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    status, log = server.run(args, ref)
+    assert status == 0, log[-3000:]
+    # torch/channel: killed in the final window too (evaluation, report, plan and weights being written)
+    kills = [_after_last_decision] + ([_in_the_final_writes] if (backend, name) == ("torch", "channel") else [])
+    for kill_when in kills:
+        status, log = server.run(args, out, resume=out.exists(), kill_when=kill_when)
+        assert status == -signal.SIGKILL, (status, log[-3000:])
+        assert not (out / "weights.npz").exists()
+        state = ckpt.read_checkpoint(ckpt.checkpoint_path(str(out)))
+        assert kill_when(state["position"], False)
+        if name == "dsa":  # killed after the channel decision: it is in the checkpoint
+            assert state["algorithm"]["dsa"]["final_counts"] is not None and state["algorithm"]["dsa"]["channel_keep"]
+    status, log = server.run(args, out, resume=True)
+    assert status == 0, log[-3000:]
+    _assert_same_run(ref, out)
+    assert json.load(open(out / "report.json"))["run"]["resumed_at_steps"]
