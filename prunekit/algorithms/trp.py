@@ -14,9 +14,9 @@ negligible loss and no fine-tuning.
   specification does not say whether the step's gradient is taken before or after the
   projection; after it, the network trains in the low-rank space it will be decomposed into.)
 * Final decomposition (:meth:`TRPPruner.final_transform`, :func:`plan_decompositions`,
-  :func:`decomposition_factors`): keep singular values ≥ the threshold (the run's
-  ``decompose_threshold``, 0.05 as in the release) — or a fixed ``rank`` / ``energy`` — and split
-  each layer into two convs, which the backend's ``apply_decompositions`` builds.
+  :func:`decomposition_factors`): keep singular values ≥ ``threshold`` (0.05 as in the release;
+  ``prunekit run --decompose-threshold X`` and ``--set threshold=X`` both set it, > 0) — or a fixed
+  ``rank`` / ``energy`` — and split each layer into two convs, which the backend's ``apply_decompositions`` builds.
   NC: conv r×C_in×kh×kw (the original stride and padding) then 1×1 conv C_out×r (with the
   original bias). VH: conv r×C_in×kh×1 (vertical stride/padding) then conv C_out×r×1×kw
   (horizontal stride/padding). Strided convs are decomposed too, the stride going on the
@@ -63,6 +63,15 @@ class TRPConfig:
             raise ConfigError(f"every must be >= 1, got {self.every!r}")
         if self.scheme not in SCHEMES:
             raise ConfigError(f"unknown TRP scheme {self.scheme!r}; expected one of {', '.join(SCHEMES)}")
+        check_threshold(self.threshold)
+
+
+def check_threshold(threshold) -> float:
+    """The decomposition's threshold: a positive, finite number (at 0 or below every singular
+    value is kept and the two factors are larger than the layer)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (0.0 < threshold < math.inf):
+        raise ConfigError(f"trp threshold (--decompose-threshold) must be a positive number, got {threshold!r}")
+    return float(threshold)
 
 
 @register_algorithm
@@ -176,7 +185,9 @@ class TRPPruner(Algorithm):
 
     def final_transform(self, handle, backend, threshold: float) -> FinalTransform:
         """Split each trained low-rank conv into two convs, keeping the singular values >=
-        ``threshold``; the report section has the ranks, and parameters and MACs of both models."""
+        ``threshold`` (None: the config's); the report section has the ranks, and parameters and MACs
+        of both models."""
+        threshold = check_threshold(self.config.threshold if threshold is None else threshold)
         before = count_handle(handle)
         decompositions = plan_decompositions(handle, self.config.scheme, threshold=threshold,
                                              layers=[l.name for l in self.layers])
