@@ -62,6 +62,9 @@ def format_report(report: dict, max_layers: int = 60) -> str:
     if run.get("dataset"):
         head += f", {run['dataset']}"
     lines.append(head)
+    settings = report.get("algorithm_config")
+    if settings:  # every setting's effective value: the algorithm's defaults and what the run set
+        lines.append(f"{run.get('algorithm', 'algorithm')} settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     lines.append(f"{'layer':<28} {'kind':<6} {'shape':<18} {'params':>9} {'nonzero':>9} {'sparsity':>8} {'MACs':>9} {'rank':>5}")
     rows = report["layers"]
     shown = rows if len(rows) <= max_layers else rows[:max_layers]
@@ -104,8 +107,8 @@ def report_markdown(report: dict) -> str:
         out += ["| setting | value |", "| --- | --- |"]
         out += [f"| {k} | {v} |" for k, v in report["run"].items()]
         out.append("")
-    if report.get("algorithm_config"):
-        out += [f"| {report.get('run', {}).get('algorithm', 'algorithm')} setting | value |", "| --- | --- |"]
+    if report.get("algorithm_config"):  # every setting's effective value, defaults included
+        out += [f"| {report.get('run', {}).get('algorithm', 'algorithm')} setting (effective) | value |", "| --- | --- |"]
         out += [f"| {k} | {v} |" for k, v in report["algorithm_config"].items()]
         out.append("")
     if report.get("accuracy"):
