@@ -84,7 +84,9 @@ def format_report(report: dict, max_layers: int = 60) -> str:
                  f"({t['macs_kept_fraction']:.2%} kept)")
     dec = report.get("decomposition")
     if dec:
-        lines.append(f"decomposition ({dec['scheme']}, singular values >= {dec['threshold']}): parameters "
+        rule = (f"singular values >= {dec['threshold']}" if dec.get("threshold") is not None
+                else f"{dec.get('energy')} of each filter's energy")  # TRP's nd scheme: an energy rule
+        lines.append(f"decomposition ({dec['scheme']}, {rule}): parameters "
                      f"{dec['params_before']:,} -> {dec['params_after']:,}, MACs {_fmt_count(dec['macs_before'])} -> "
                      f"{_fmt_count(dec['macs_after'])} ({dec['flops_reduction']:.2f}x fewer)")
     for lat in _latencies(report):

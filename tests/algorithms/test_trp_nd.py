@@ -146,6 +146,9 @@ def test_nd_final_transform_reports_the_energy_rule():
     assert set(sec["ranks"]) == {l.name for l in algo.layers}
     assert all(1 <= r <= 9 for r in sec["ranks"].values())
     assert sec["macs_after"] == count_handle(out.handle)["dense_macs"]
+    from prunekit.app.report import build_report, format_report
+    text = format_report(build_report(out.handle, extra={"decomposition": sec}))
+    assert "decomposition (nd, 0.5 of each filter's energy)" in text
 
 
 def test_nd_settings_refused():
