@@ -59,8 +59,6 @@ from prunekit.errors import ConfigError
 
 SEMANTICS = ("paper", "release")
 RANK_MEANS = ("all", "nonzero")
-#: a layer's term -‖R‖² counts as zero below this (a rank-k fit that leaves no residual)
-ZERO_TERM = 1e-12
 
 
 @dataclass
@@ -221,7 +219,9 @@ class RPGPruner(Algorithm):
                 r2[i] = max(0.0, 1.0 - float(np.sum(s[:k] ** 2)) / e)  # ‖R‖² from the spectrum
                 loss -= r2[i]
             groups.append((g, keep, inv, r2, coef))
-        n_layers = self._mean_divisor(len(mats), [r for *_, r2, _ in groups for r in r2])
+        # a term is zero where the rank-k fit is exact: k = full rank (or an all-zero layer, k = 0)
+        n_layers = self._mean_divisor(len(mats), [0 < self.ranks[n] < min(ops.shape(g.stack)[1:])
+                                                  for g, *_ in groups for n in g.names])
         for g, keep, inv, r2, coef in groups:
             coef[:] = 2.0 * scale * inv / n_layers
             mn = g.stack * _per_matrix(ops, inv, g.stack)
@@ -233,11 +233,11 @@ class RPGPruner(Algorithm):
         self.rank_loss = loss / n_layers
         return {l.name: terms[l.name] for l in self.conv_layers if l.name in terms}
 
-    def _mean_divisor(self, n_layers: int, residuals) -> int:
+    def _mean_divisor(self, n_layers: int, has_term) -> int:
         """The number of layers L_rank is averaged over: all conv layers, or (``rank_mean="nonzero"``,
-        the release) those whose term −‖R‖² is not zero; at least 1."""
+        the release) those with a term (``has_term``: 0 < k < full rank); at least 1."""
         if self.config.rank_mean == "nonzero":
-            return max(1, sum(1 for r in residuals if r > ZERO_TERM))
+            return max(1, sum(1 for t in has_term if t))
         return max(1, n_layers)
 
     def _tracked_rank_gradients(self, scale: float) -> Dict[str, object]:
@@ -249,10 +249,9 @@ class RPGPruner(Algorithm):
         shapes = {l.name: l.weight_shape for l in self.conv_layers}
         out, loss = {}, 0.0
         stacks = tracker.stacks(mats, self.rank_rule)
-        # ‖R‖² per layer at the last solve (the mean's divisor for rank_mean="nonzero")
-        residuals = [max(0.0, 1.0 - float(np.sum(s[:k] ** 2)) / e) if e > 0 else 0.0
-                     for group, _ in stacks for s, e, k in zip(group.s, group.energy, group.ranks)]
-        n_layers = self._mean_divisor(len(mats), residuals)
+        # the layers with a term at the last solve (the mean's divisor for rank_mean="nonzero")
+        n_layers = self._mean_divisor(len(mats), [e > 0 and 0 < k < min(group.shape)
+                                                  for group, _ in stacks for e, k in zip(group.energy, group.ranks)])
         factor = 2.0 * scale / n_layers
         for group, stack in stacks:
             energy = batch_scalars(ops, stack)
