@@ -9,7 +9,6 @@ subset) where data is needed. Prints one line per setting.
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
@@ -64,7 +63,7 @@ def rpg_ranks():
         capped = residual_rank(s, 0.1, e, max_rank=len(s) - 1)
         full_k += k == len(s)
         changed += k != capped
-        nonzero += (1 - float(np.sum(s[:k] ** 2)) / e) > 1e-12
+        nonzero += 0 < k < len(s)  # RPG's rank_mean="nonzero": a layer has a term where k < full rank
     print(f"rpg rank_below_full: {MODEL} magnitude-pruned to 90 %: k = full rank on {full_k} of {convs} conv layers "
           f"(their term is zero); the cap changes k on {changed}")
     print(f"rpg rank_mean=nonzero: {nonzero} of {convs} conv layers have a non-zero term at partial_k 0.1: "
