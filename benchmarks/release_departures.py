@@ -9,7 +9,6 @@ subset) where data is needed. Prints one line per setting.
 """
 from __future__ import annotations
 
-
 import numpy as np
 
 from prunekit.algorithms import make_algorithm

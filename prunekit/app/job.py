@@ -265,8 +265,8 @@ def run(cfg: RunConfig, echo=print) -> dict:
     progress.record("final", train_algorithm)  # measured after the algorithm's final decisions
     accuracy["after_pruning"] = _evaluate(trainer, ds, cfg)
     extra = dict(init_extra)
-    # the decomposition keeps the algorithm's own threshold setting (``--decompose-threshold`` sets it)
-    transform = algorithm.final_transform(handle, backend, getattr(algorithm.config, "threshold", None))
+    # None: the algorithm's own threshold setting (which ``--decompose-threshold``, when given, has set)
+    transform = algorithm.final_transform(handle, backend, cfg.decompose_threshold)
     if transform is not None:  # a model rebuilt from the trained one (e.g. a low-rank decomposition)
         handle, extra[transform.name] = transform.handle, transform.section
         tester = backend.Trainer(handle, None, cfg.optimizer, lr, cfg.momentum, cfg.weight_decay, total_steps=1)
@@ -281,8 +281,7 @@ def run(cfg: RunConfig, echo=print) -> dict:
     run_info = {"backend": cfg.backend, "algorithm": cfg.algorithm, "dataset": cfg.dataset,
                 "train_images": int(len(ds.y_train)), "test_images": int(len(ds.y_test)),
                 "target_sparsity": algorithm.target_sparsity,
-                **{k: getattr(algorithm.config, k) for k in ("granularity", "scope", "schedule")
-                   if hasattr(algorithm.config, k)},
+                **{k: v for k, v in _config_record(algorithm.config).items() if k in ("granularity", "scope", "schedule")},
                 "ignored_settings": cfg.ignored_settings() or None, "dense_epochs": cfg.dense_epochs, "prune_epochs": cfg.prune_epochs,
                 "steps": (cfg.dense_epochs + cfg.prune_epochs) * steps_per_epoch,
                 "train_seconds": round(dense_seconds + prune_seconds, 1), "seed": cfg.seed,
