@@ -119,6 +119,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=4, help="rounds of timing, every model in turn")
     p.add_argument("--tv-repeats", type=int, default=1, help="timed batches per round for the tv:<name> models")
     p.add_argument("--threads", type=int, default=0, help="PyTorch CPU threads (0: its default)")
+    p.add_argument("--ms-threads", type=int, default=0, help="MindSpore runtime threads (0: its default); on a "
+                                                             "loaded machine 1 avoids waiting on preempted workers")
     p.add_argument("--write", action="store_true", help="record the figures in benchmarks/RESULTS.md")
     p.add_argument("--title", default=None, help="RESULTS.md section title (default: 'Compaction speed-up "
                                                    "(<device>, batch <n>)')")
@@ -126,6 +128,9 @@ def main(argv=None):
     if a.threads:
         import torch
         torch.set_num_threads(a.threads)
+    if a.ms_threads and "mindspore" in a.backends:
+        import mindspore
+        mindspore.set_context(runtime_num_threads=a.ms_threads)
     ratios = [float(r) for r in a.ratios.split(",")]
     rounds = [int(k) for k in a.round_to.split(",")]
     allocations = a.allocations.split(",")
@@ -159,6 +164,7 @@ def main(argv=None):
         from benchmarks.results import machine, write_section
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         threads = a.threads or "default"
+        threads = f"{threads}, MindSpore threads {a.ms_threads or 'default'}"
         cmd = "python benchmarks/compaction_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
         lines = [f"Machine: {machine()}; device {a.device}, batch {a.batch}, PyTorch threads {threads}, PyTorch "
                  f"deploy `{a.deploy}`, MindSpore `mindspore.jit`; each model's compacted versions timed side by side "
