@@ -1,5 +1,5 @@
 """Model surgery on MindSpore models: replace a conv by the two convs of a low-rank
-decomposition (TRP; with the nd scheme the second conv is grouped, :func:`_grouped_conv`). The replacement is an ``nn.SequentialCell`` at the same path, so its
+decomposition (TRP). The replacement is an ``nn.SequentialCell`` at the same path, so its
 parameters are named ``<layer>.0.weight`` and ``<layer>.1.weight`` / ``.1.bias``, as on PyTorch.
 """
 from __future__ import annotations

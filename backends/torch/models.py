@@ -67,7 +67,8 @@ class ProjectionBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut = nn.Sequential()
         if has_projection(in_planes, planes, stride):
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, 0, bias=False), nn.BatchNorm2d(planes))
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, 0, bias=False),
+                                          nn.BatchNorm2d(planes))
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -84,7 +85,8 @@ class CifarResNetB(nn.Module):
         stem = stages[0][0][0]
         self.conv1 = nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(stem)
-        self.layer1, self.layer2, self.layer3 = [nn.Sequential(*(ProjectionBlock(*b) for b in stage)) for stage in stages]
+        self.layer1, self.layer2, self.layer3 = [nn.Sequential(*(ProjectionBlock(*b) for b in stage))
+                                                 for stage in stages]
         self.fc = nn.Linear(stages[-1][-1][1], num_classes)
 
     forward = CifarResNet.forward

@@ -1,6 +1,7 @@
 """Model surgery on PyTorch models: replace a conv by the two convs of a low-rank
-decomposition (TRP; with the nd scheme the second conv is grouped). The replacement is an ``nn.Sequential`` at the same path, so its
-parameters are named ``<layer>.0.weight`` and ``<layer>.1.weight`` / ``.1.bias`` on both backends.
+decomposition (TRP; with the nd scheme the second conv is grouped). The replacement is an
+``nn.Sequential`` at the same path, so its parameters are named ``<layer>.0.weight`` and
+``<layer>.1.weight`` / ``.1.bias`` on both backends.
 """
 from __future__ import annotations
 
