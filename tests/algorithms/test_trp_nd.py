@@ -159,3 +159,27 @@ def test_nd_settings_refused():
     with pytest.raises(ConfigError, match="nd_energy"):
         TRPConfig(scheme="nd", threshold=0.2)
     assert TRPConfig(scheme="nd").nd_energy == 0.85
+
+
+def test_nd_run_reloads_on_both_backends(tmp_path):
+    """A run folder with an nd decomposition (report + weights) rebuilds on each backend
+    (prunekit.app.export.load_run: K·C_out rows in the first conv) and computes the same logits."""
+    import json
+
+    import prunekit.backends.torch as bt
+    from prunekit.app.export import load_run
+    from prunekit.contract.backend import get_backend
+
+    h = bt.model_handle("resnet20", 10, 3, 32, seed=2)
+    decs = plan_decompositions(h, "nd", threshold=None, energy=0.85)
+    new = bt.apply_decompositions(h, decs)
+    np.savez(tmp_path / "weights.npz", **new.state_numpy())
+    report = {"model": "resnet20", "run": {"dataset": "cifar10", "backend": "torch"},
+              "decomposition": {"scheme": "nd", "ranks": {d.layer: d.rank for d in decs}}}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    structure, state, _ = load_run(str(tmp_path))
+    x = structure.example_input(2)
+    want = new.predict(x)
+    for name in ("torch", "mindspore"):
+        got = structure.build(get_backend(name), state).predict(x)
+        assert float(np.abs(got - want).max()) <= OUTPUT_ATOL, name
