@@ -237,7 +237,8 @@ class TRPPruner(Algorithm):
 
     def describe(self) -> dict:
         c = self.config
-        return {"energy": c.energy, "lam": c.lam, "every": c.every, "scheme": c.scheme, "spectrum": getattr(self, "spectrum", c.spectrum)}
+        spectrum = "exact per filter" if c.scheme == "nd" else getattr(self, "spectrum", c.spectrum)
+        return {"energy": c.energy, "lam": c.lam, "every": c.every, "scheme": c.scheme, "spectrum": spectrum}
 
     def rank_rule(self, s, total_energy: float) -> int:
         """This algorithm's rank rule on a spectrum (the tracked path's solves use it)."""
