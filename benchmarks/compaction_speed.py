@@ -16,12 +16,17 @@ models, each deployed the same way, is the median of ``--repeats`` timed batches
 
 Printed: the measured MACs ratio (from the compacted layers) beside the latency ratio and their
 quotient ("efficiency": realised speed-up / MACs speed-up; the target is >= 0.8). Models named
-``tv:<name>`` are torchvision's (PyTorch only) at ``--tv-image`` pixels.
+``tv:<name>`` are torchvision's (PyTorch only) at ``--tv-image`` pixels. Where both a CIFAR
+ResNet and its projection-shortcut twin (``resnet20`` and ``resnet20b``) are measured, a second
+table puts their efficiencies side by side per plan (issue #14: the option-A twins can only
+prune block-internal channels, the ``b`` models also their residual streams).
 
     python benchmarks/compaction_speed.py                       # CPU, batch 64, both backends
     python benchmarks/compaction_speed.py --backends torch --models tv:resnet50 --round-to 16
     python benchmarks/compaction_speed.py --backends torch --device cuda --batch 256
     python benchmarks/compaction_speed.py --write               # also record in RESULTS.md
+    python benchmarks/compaction_speed.py --models resnet20,resnet20b,resnet56,resnet56b --round-to 1 \
+        --title "Compaction speed-up of the projection-shortcut ResNets (#14)" --write
 """
 from __future__ import annotations
 
@@ -90,6 +95,13 @@ def measure(backend_name: str, model: str, ratios, batch: int, device: str, warm
     return rows
 
 
+def twin_pairs(rows):
+    """(option-A row, projection-shortcut row) for every plan measured on both ``<m>`` and ``<m>b``."""
+    index = {(r["backend"], r["model"], r["target"], r["allocation"], r["round_to"]): r for r in rows}
+    return [(index[(b, m[:-1], t, a, k)], r) for (b, m, t, a, k), r in index.items()
+            if m.startswith("resnet") and m.endswith("b") and (b, m[:-1], t, a, k) in index]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backends", default="torch,mindspore")
@@ -107,11 +119,18 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=4, help="rounds of timing, every model in turn")
     p.add_argument("--tv-repeats", type=int, default=1, help="timed batches per round for the tv:<name> models")
     p.add_argument("--threads", type=int, default=0, help="PyTorch CPU threads (0: its default)")
+    p.add_argument("--ms-threads", type=int, default=0, help="MindSpore runtime threads (0: its default); on a "
+                                                             "loaded machine 1 avoids waiting on preempted workers")
     p.add_argument("--write", action="store_true", help="record the figures in benchmarks/RESULTS.md")
+    p.add_argument("--title", default=None, help="RESULTS.md section title (default: 'Compaction speed-up "
+                                                   "(<device>, batch <n>)')")
     a = p.parse_args(argv)
     if a.threads:
         import torch
         torch.set_num_threads(a.threads)
+    if a.ms_threads and "mindspore" in a.backends:
+        import mindspore
+        mindspore.set_context(runtime_num_threads=a.ms_threads)
     ratios = [float(r) for r in a.ratios.split(",")]
     rounds = [int(k) for k in a.round_to.split(",")]
     allocations = a.allocations.split(",")
@@ -134,10 +153,18 @@ def main(argv=None):
                       f"{row['round_to']:5d} {row['macs_ratio']:9.3f} {row['dense_ms']:9.1f} {row['compact_ms']:10.1f} "
                       f"{row['latency_ratio']:8.3f} {row['flops_speedup']:7.2f} {row['speedup']:7.2f} "
                       f"{row['efficiency']:5.2f} {row['efficiency_min']:7.2f}", flush=True)
+    pairs = twin_pairs(rows)
+    if pairs:
+        print("\noption-A twin vs projection shortcuts (same plan): MACs kept, efficiency")
+        for x, y in pairs:
+            print(f"{x['backend']:10s} {x['model']:9s} {x['target']:5.2f} {x['allocation']:>7s} {x['round_to']:3d}  "
+                  f"{x['macs_ratio']:.3f} {x['efficiency']:.2f}  |  {y['model']:10s} {y['macs_ratio']:.3f} "
+                  f"{y['efficiency']:.2f}")
     if a.write:
         from benchmarks.results import machine, write_section
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         threads = a.threads or "default"
+        threads = f"{threads}, MindSpore threads {a.ms_threads or 'default'}"
         cmd = "python benchmarks/compaction_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
         lines = [f"Machine: {machine()}; device {a.device}, batch {a.batch}, PyTorch threads {threads}, PyTorch "
                  f"deploy `{a.deploy}`, MindSpore `mindspore.jit`; each model's compacted versions timed side by side "
@@ -157,7 +184,16 @@ def main(argv=None):
                          f"{r['macs_ratio']:.3f} | {r['dense_ms']:.1f} | {r['compact_ms']:.1f} | "
                          f"{r['flops_speedup']:.2f} | {r['speedup']:.2f} | {r['efficiency']:.2f} | "
                          f"{r['efficiency_min']:.2f} |")
-        write_section(f"Compaction speed-up ({a.device}, batch {a.batch})", lines)
+        if pairs:
+            lines += ["", "Side by side, the same plan on the option-A twin and on the projection-shortcut model "
+                      "(eff. = realised / MACs speed-up, median; both models timed in the same run):", "",
+                      "| backend | target | allocation | multiple of | model | MACs kept | eff. | model | MACs kept | "
+                      "eff. |", "|---|---|---|---|---|---|---|---|---|---|"]
+            for x, y in pairs:
+                lines.append(f"| {x['backend']} | {x['target']:.2f} | {x['allocation']} | {x['round_to']} | "
+                             f"{x['model']} | {x['macs_ratio']:.3f} | {x['efficiency']:.2f} | {y['model']} | "
+                             f"{y['macs_ratio']:.3f} | {y['efficiency']:.2f} |")
+        write_section(a.title or f"Compaction speed-up ({a.device}, batch {a.batch})", lines)
     return rows
 
 

@@ -24,10 +24,10 @@ import mindspore.nn as nn
 import mindspore.ops as ops
 
 from prunekit.contract.reference_models import (MBV2_HEAD, MBV2_STEM, MNIST_CONVS, MNIST_FEATURES, MNIST_HIDDEN,
-                                                MNIST_KERNEL, VGG_CFG, build_reference, mobilenetv2_blocks,
-                                                resnet_stages)
+                                                MNIST_KERNEL, VGG_CFG, build_reference, has_projection,
+                                                mobilenetv2_blocks, resnet_stages)
 
-__all__ = ["build_model", "CifarResNet", "VGG", "MobileNetV2", "MnistCNN"]
+__all__ = ["build_model", "CifarResNet", "CifarResNetB", "VGG", "MobileNetV2", "MnistCNN"]
 
 BN_MOMENTUM = 0.9  # = 1 - PyTorch's default momentum 0.1
 BN_EPS = 1e-5
@@ -103,6 +103,40 @@ class CifarResNet(nn.Cell):
         x = ops.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(global_avg_flatten(x))
+
+
+class ProjectionBlock(nn.Cell):
+    """Twin of the PyTorch ``ProjectionBlock`` (1x1 conv + BN shortcut where the shape changes)."""
+
+    def __init__(self, in_planes, planes, stride=1):
+        super().__init__()
+        self.conv1 = conv2d(in_planes, planes, 3, stride, 1)
+        self.bn1 = batch_norm(planes)
+        self.conv2 = conv2d(planes, planes, 3, 1, 1)
+        self.bn2 = batch_norm(planes)
+        if has_projection(in_planes, planes, stride):
+            self.shortcut = nn.SequentialCell([conv2d(in_planes, planes, 1, stride, 0), batch_norm(planes)])
+        else:
+            self.shortcut = nn.SequentialCell()
+
+    def construct(self, x):
+        out = ops.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return ops.relu(out + self.shortcut(x))
+
+
+class CifarResNetB(CifarResNet):
+    """Twin of the PyTorch ``CifarResNetB``."""
+
+    def __init__(self, depth=20, num_classes=10, in_channels=3, width=1):
+        nn.Cell.__init__(self)
+        stages = resnet_stages(depth, width)
+        stem = stages[0][0][0]
+        self.conv1 = conv2d(in_channels, stem, 3, 1, 1)
+        self.bn1 = batch_norm(stem)
+        self.layer1, self.layer2, self.layer3 = [nn.SequentialCell([ProjectionBlock(*b) for b in stage])
+                                                 for stage in stages]
+        self.fc = nn.Dense(stages[-1][-1][1], num_classes)
 
 
 class VGG(nn.Cell):
@@ -194,4 +228,5 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 3, width: i
     return build_reference(name, ARCHITECTURES, num_classes, in_channels, width)
 
 
-ARCHITECTURES = {"resnet": CifarResNet, "vgg": VGG, "mobilenetv2": MobileNetV2, "mnist_cnn": MnistCNN}
+ARCHITECTURES = {"resnet": CifarResNet, "resnet_projection": CifarResNetB, "vgg": VGG, "mobilenetv2": MobileNetV2,
+                 "mnist_cnn": MnistCNN}

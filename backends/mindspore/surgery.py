@@ -60,9 +60,11 @@ def factor_geometry(layer: str, old: nn.Conv2d, factors: Sequence[ConvFactor]) -
 
 
 def _conv(factor: ConvFactor, geometry: dict) -> nn.Conv2d:
+    """One factor as a conv; TRP's nd second factor is grouped (C_out groups of K channels)."""
     co, ci, kh, kw = factor.weight.shape
-    conv = nn.Conv2d(ci, co, (kh, kw), tuple(int(s) for s in factor.stride), has_bias=factor.bias is not None,
-                     **geometry)
+    groups = int(getattr(factor, "groups", 1))
+    conv = nn.Conv2d(ci * groups, co, (kh, kw), tuple(int(s) for s in factor.stride), group=groups,
+                     has_bias=factor.bias is not None, **geometry)
     conv.weight.set_data(ms.Tensor(np.ascontiguousarray(factor.weight), ms.float32))
     if factor.bias is not None:
         conv.bias.set_data(ms.Tensor(np.ascontiguousarray(np.asarray(factor.bias, np.float32))))

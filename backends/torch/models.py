@@ -9,10 +9,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from prunekit.contract.reference_models import (MBV2_HEAD, MBV2_STEM, MNIST_CONVS, MNIST_FEATURES, MNIST_HIDDEN,
-                                                MNIST_KERNEL, VGG_CFG, build_reference, mobilenetv2_blocks,
-                                                resnet_stages)
+                                                MNIST_KERNEL, VGG_CFG, build_reference, has_projection,
+                                                mobilenetv2_blocks, resnet_stages)
 
-__all__ = ["build_model", "CifarResNet", "VGG", "MobileNetV2", "MnistCNN"]
+__all__ = ["build_model", "CifarResNet", "CifarResNetB", "VGG", "MobileNetV2", "MnistCNN"]
 
 
 class BasicBlock(nn.Module):
@@ -54,6 +54,42 @@ class CifarResNet(nn.Module):
         x = self.layer3(self.layer2(self.layer1(x)))
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         return self.fc(x)
+
+
+class ProjectionBlock(nn.Module):
+    """Basic block whose shortcut is a 1x1 conv + BN where the shape changes (option B)."""
+
+    def __init__(self, in_planes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if has_projection(in_planes, planes, stride):
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, 0, bias=False),
+                                          nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNetB(nn.Module):
+    """CIFAR ResNet with projection shortcuts (``resnet<depth>b``); otherwise as ``CifarResNet``."""
+
+    def __init__(self, depth=20, num_classes=10, in_channels=3, width=1):
+        super().__init__()
+        stages = resnet_stages(depth, width)
+        stem = stages[0][0][0]
+        self.conv1 = nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        self.layer1, self.layer2, self.layer3 = [nn.Sequential(*(ProjectionBlock(*b) for b in stage))
+                                                 for stage in stages]
+        self.fc = nn.Linear(stages[-1][-1][1], num_classes)
+
+    forward = CifarResNet.forward
 
 
 class VGG(nn.Module):
@@ -143,4 +179,5 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 3, width: i
     return build_reference(name, ARCHITECTURES, num_classes, in_channels, width)
 
 
-ARCHITECTURES = {"resnet": CifarResNet, "vgg": VGG, "mobilenetv2": MobileNetV2, "mnist_cnn": MnistCNN}
+ARCHITECTURES = {"resnet": CifarResNet, "resnet_projection": CifarResNetB, "vgg": VGG, "mobilenetv2": MobileNetV2,
+                 "mnist_cnn": MnistCNN}

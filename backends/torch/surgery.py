@@ -1,6 +1,7 @@
 """Model surgery on PyTorch models: replace a conv by the two convs of a low-rank
-decomposition (TRP). The replacement is an ``nn.Sequential`` at the same path, so its
-parameters are named ``<layer>.0.weight`` and ``<layer>.1.weight`` / ``.1.bias`` on both backends.
+decomposition (TRP; with the nd scheme the second conv is grouped). The replacement is an
+``nn.Sequential`` at the same path, so its parameters are named ``<layer>.0.weight`` and
+``<layer>.1.weight`` / ``.1.bias`` on both backends.
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from .layers import TorchModelHandle
 
 def _conv(factor: ConvFactor, like: nn.Conv2d) -> nn.Conv2d:
     co, ci, kh, kw = factor.weight.shape
-    conv = nn.Conv2d(ci, co, (kh, kw), tuple(factor.stride), tuple(factor.padding), bias=factor.bias is not None)
+    groups = int(getattr(factor, "groups", 1))  # TRP's nd scheme: the second conv is grouped
+    conv = nn.Conv2d(ci * groups, co, (kh, kw), tuple(factor.stride), tuple(factor.padding), groups=groups,
+                     bias=factor.bias is not None)
     conv.to(device=like.weight.device, dtype=like.weight.dtype)
     with torch.no_grad():
         conv.weight.copy_(torch.as_tensor(factor.weight))

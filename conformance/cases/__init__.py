@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from typing import List
 
-from . import channel, dsa, magnitude, ops, precrop, rpg, sdprun, selection, trp
+from . import channel, dsa, magnitude, ops, precrop, resnet_b, rpg, sdprun, selection, trp
 from .base import Case, Outputs, Tol
 
-SUBJECTS = (ops, selection, rpg, trp, magnitude, sdprun, precrop, dsa, channel)
+SUBJECTS = (ops, selection, rpg, trp, magnitude, sdprun, precrop, dsa, channel, resnet_b)
 
 __all__ = ["Case", "Outputs", "SUBJECTS", "Tol", "all_cases"]
 

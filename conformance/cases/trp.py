@@ -1,6 +1,8 @@
 """Cases ``decisions/trp_step/*`` and ``decisions/trp_decomposition/*``: one TRP step (energy
-rank, projection, nuclear-norm gradient; channel and spatial schemes, device and host) against a
-float64 NumPy reference, and the final decomposition of identical model weights into two convs."""
+rank, projection, nuclear-norm gradient; channel, spatial and nd schemes, device and host)
+against a float64 NumPy reference, and the final decomposition of identical model weights into
+two convs (nd: the pointwise and grouped convs of the parallel paths; ranks, factor shapes and
+logits, and for nd the logits of the per-filter truncated model, which the paths must equal)."""
 from __future__ import annotations
 
 from typing import List
@@ -41,6 +43,9 @@ def _ref_trp_step(scenario: str, scheme: str) -> Outputs:
             continue
         co, ci, kh, kw = w.shape
         w64 = w.astype(np.float64)
+        if scheme == "nd":
+            out.update(_ref_nd_layer(n, w64))
+            continue
         m = w64.reshape(co, -1) if scheme == "channel" else w64.transpose(1, 2, 0, 3).reshape(ci * kh, co * kw)
         u, s, vh = np.linalg.svd(m, full_matrices=False)
         r = energy_rank(s, 0.9)
@@ -57,6 +62,19 @@ def _ref_trp_step(scenario: str, scheme: str) -> Outputs:
     return out
 
 
+def _ref_nd_layer(name: str, w64: np.ndarray) -> Outputs:
+    """The nd step on one layer: every filter (C_in, kh·kw) truncated to its own energy rank."""
+    from prunekit.decisions.selection import energy_rank
+
+    co, ci, kh, kw = w64.shape
+    u, s, vh = np.linalg.svd(w64.reshape(co, ci, kh * kw), full_matrices=False)
+    ranks = [energy_rank(x, 0.9) for x in s]
+    trunc = np.stack([(u[o, :, :r] * s[o, :r]) @ vh[o, :r] for o, r in enumerate(ranks)]).reshape(w64.shape)
+    uv = np.stack([u[o, :, :r] @ vh[o, :r] for o, r in enumerate(ranks)]).reshape(w64.shape) * 1e-2
+    return {f"rank/{name}": np.array(min(max(ranks), ci, kh * kw)), f"projected/{name}": trunc,
+            f"nuclear_grad/{name}": uv}
+
+
 def _trp_decomposition(backend, model: str, scheme: str) -> Outputs:
     """Decompose identical weights on each backend; compare ranks, factors and outputs."""
     from prunekit.algorithms.trp import plan_decompositions
@@ -68,13 +86,26 @@ def _trp_decomposition(backend, model: str, scheme: str) -> Outputs:
     out = {f"rank/{d.layer}": np.array(d.rank) for d in decompositions}
     out["logits"] = new.predict(x)
     out["layer_shapes"] = np.array([s for l in new.layers for s in l.weight_shape])
+    if scheme == "nd":  # the paths compute the model whose filters are truncated to K terms
+        from prunekit.decisions.spectrum import nd_truncate
+
+        ref = backend.model_handle(model, seed=21)
+        state = ref.state_numpy()
+        for d in decompositions:
+            state[f"{d.layer}.weight"] = nd_truncate(state[f"{d.layer}.weight"], d.rank).astype(np.float32)
+        ref.load_state_numpy(state)
+        out["truncated_logits"] = ref.predict(x)
+        err = float(np.abs(out["truncated_logits"] - out["logits"]).max())
+        if not err <= 1e-4:  # a backend whose paths differ from the truncated conv fails the case
+            raise RuntimeError(f"nd decomposition differs from the truncated model by {err:.3g} (> 1e-4)")
     return out
 
 
 def cases() -> List[Case]:
     out = []
     variants = (("channel", "device", "auto"), ("spatial", "device", "auto"), ("channel", "host", "auto"),
-                ("channel", "device", "tracked"), ("spatial", "device", "tracked"))
+                ("channel", "device", "tracked"), ("spatial", "device", "tracked"), ("nd", "device", "auto"),
+                ("nd", "host", "auto"))
     for scenario in RANK_SCENARIOS:
         for scheme, rank_on, spectrum in variants if scenario != "pointwise_and_depthwise" else ():  # TRP skips 1x1/depthwise
             label = f"{scheme}-{rank_on}" + ("-tracked" if spectrum == "tracked" else "")
@@ -88,4 +119,9 @@ def cases() -> List[Case]:
             out.append(Case(f"decisions/trp_decomposition/{scheme}/{model}", "decisions",
                             lambda b, m=model, c=scheme: _trp_decomposition(b, m, c), None,
                             {"logits": Tol("close", atol=1e-4, rtol=1e-4)}))
+    # nd (network decoupling): same ranks and factor shapes (exact), same logits, and on each
+    # backend the decomposed model's logits within 1e-4 of the per-filter truncated model's
+    out.append(Case("decisions/trp_decomposition/nd/resnet20", "decisions",
+                    lambda b: _trp_decomposition(b, "resnet20", "nd"), None,
+                    {"logits": Tol("close", atol=1e-4, rtol=1e-4), "truncated_logits": Tol("close", atol=1e-4, rtol=1e-4)}))
     return out

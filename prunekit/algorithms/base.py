@@ -193,7 +193,8 @@ class Algorithm:
 
     def final_transform(self, handle: ModelHandle, backend, threshold: float) -> Optional[FinalTransform]:
         """A model rebuilt from the trained ``handle`` after :meth:`finish`, or None (the default).
-        ``threshold`` is the run's ``decompose_threshold`` (``--decompose-threshold``)."""
+        ``threshold`` is the run's ``decompose_threshold`` (``--decompose-threshold``), None when the
+        run leaves it to the algorithm's own setting."""
         return None
 
     @property

@@ -7,8 +7,10 @@ budget ``F(α) ≤ B`` (:mod:`prunekit.decisions.channel_flops`), while the weig
 The differentiable pruning op of one group (C channels), per forward pass:
 
 * importance ``b_i = |γ_i|`` of the group's BatchNorm scales (detached). A group normalised by
-  several BNs (a residual stream) uses the mean of ``|γ_i|`` over them. (The sum gives the same
-  probabilities: scaling every ``b`` by a constant only shifts ``log β₁``.)
+  several BNs (a residual stream) uses the mean of ``|γ_i|`` over them (``importance="mean"``;
+  the sum gives the same probabilities: scaling every ``b`` by a constant only shifts ``log β₁``),
+  or, as the release, one "primal" BN's: the group's first BN in the model's order
+  (``importance="primal"``).
 * keep probability ``p_i = min(sigmoid(β₂(log b_i − log β₁)) + 0.01, 1)``, ``β₂ = 1``, with
   ``β₁`` solved by bisection in log space so that ``mean(p) = α`` (:func:`solve_log_beta1`).
 * mask ``m_i ~ Bernoulli(p_i)``, multiplied onto every BN output of the group (after BN, before
@@ -16,7 +18,8 @@ The differentiable pruning op of one group (C channels), per forward pass:
   gradient the framework computes for the gate ``m_i``.
 * implicit differentiation through the root: ``∂L/∂α = C·Σ_i ∂L/∂p_i·s′_i / Σ_j s′_j`` with
   ``s′`` the sigmoid's derivative at ``p``'s argument, taken as 0 where ``p`` is capped at 1
-  (there ``p`` does not move with ``β₁``) (:func:`alpha_gradient`).
+  (there ``p`` does not move with ``β₁``) (:func:`alpha_gradient`); ``capped_gradient=True`` keeps
+  the capped channels' ``s′`` as the release does.
 
 All of this is done on the host in float64 NumPy: the vectors are one entry per channel, and
 identical inputs give bit-identical decisions on every backend. Random masks are drawn from
@@ -62,6 +65,8 @@ P_FLOOR = 0.01
 ROOT_STEPS = 200
 #: bisection steps for the budget multiplier
 BUDGET_STEPS = 200
+#: channel importance of a group normalised by several BNs (:func:`group_importance`)
+IMPORTANCE_RULES = ("mean", "primal")
 #: smallest importance (|γ| = 0 would give log b = -inf)
 MIN_IMPORTANCE = 1e-12
 
@@ -72,13 +77,13 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 
 
 def keep_probabilities(log_b: np.ndarray, log_beta1: float, beta2: float = 1.0,
-                       floor: float = P_FLOOR) -> Tuple[np.ndarray, np.ndarray]:
+                       floor: float = P_FLOOR, capped_gradient: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """``(p, s′)``: the keep probabilities and the sigmoid's derivative at their argument
-    (0 where ``p`` is capped at 1)."""
+    (0 where ``p`` is capped at 1, unless ``capped_gradient``: the release's weights)."""
     s = _sigmoid(beta2 * (np.asarray(log_b, dtype=np.float64) - log_beta1))
     raw = s + floor
     p = np.minimum(raw, 1.0)
-    ds = np.where(raw < 1.0, s * (1.0 - s), 0.0)
+    ds = s * (1.0 - s) if capped_gradient else np.where(raw < 1.0, s * (1.0 - s), 0.0)
     return p, ds
 
 
@@ -186,10 +191,10 @@ def final_counts(model: ChannelFlops, alpha: np.ndarray, budget: float, searchab
     return counts
 
 
-def group_importance(state: Dict[str, np.ndarray], norms: Sequence[str]) -> np.ndarray:
-    """``mean over the group's BNs of |γ|`` (float64)."""
+def group_importance(state: Dict[str, np.ndarray], norms: Sequence[str], rule: str = "mean") -> np.ndarray:
+    """``mean over the group's BNs of |γ|`` (float64), or ``rule="primal"``: the first BN's."""
     gammas = []
-    for bn in norms:
+    for bn in (norms[:1] if rule == "primal" else norms):
         key = f"{bn}.weight"
         if key not in state:
             raise ModelError(f"BatchNorm {bn!r} has no scale {key!r} in the model state")
@@ -211,6 +216,9 @@ class DSAConfig:
     val_fraction: float = 0.1      # held-out share of the training set for the α steps
     budget_tolerance: float = 0.02  # final FLOPs within this fraction below the budget
     seed: int = 0
+    # departures from the released code (docs/DECISIONS.md): the release's behaviour on request
+    capped_gradient: bool = False  # True: channels with p capped at 1 keep their weight s′ in ∂L/∂α
+    importance: str = "mean"       # "mean" |γ| over the group's BNs, or "primal": its first BN's
 
     def __post_init__(self):
         def number(key, lo, hi, lo_open=True, hi_open=False):
@@ -232,6 +240,10 @@ class DSAConfig:
         if str(self.arch_optimizer).lower() not in ("adam", "sgd"):
             raise ConfigError(f"dsa arch_optimizer must be 'adam' or 'sgd', got {self.arch_optimizer!r}")
         self.arch_optimizer = str(self.arch_optimizer).lower()
+        if not isinstance(self.capped_gradient, bool):
+            raise ConfigError(f"dsa capped_gradient must be true or false, got {self.capped_gradient!r}")
+        if self.importance not in IMPORTANCE_RULES:
+            raise ConfigError(f"dsa importance must be one of {', '.join(IMPORTANCE_RULES)}, got {self.importance!r}")
         for key in ("arch_every", "seed"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < (1 if key == "arch_every" else 0):
@@ -315,7 +327,7 @@ class DSAPruner(Algorithm):
         idx = self._group_indices()
         scales = {key: ops.to_numpy(params[key]) for i in idx for key in (f"{bn}.weight" for bn in self.groups[i].norms)
                   if key in params}
-        return {self.groups[i].name: group_importance(scales, self.groups[i].norms) for i in idx}
+        return {self.groups[i].name: group_importance(scales, self.groups[i].norms, self.config.importance) for i in idx}
 
     def probabilities(self, b: Dict[str, np.ndarray]) -> Dict[str, Tuple[np.ndarray, np.ndarray, float]]:
         """Per group ``(p, s′, log β₁)`` at the current ratios."""
@@ -324,7 +336,7 @@ class DSAPruner(Algorithm):
             g = self.groups[i]
             log_b = np.log(np.maximum(b[g.name], MIN_IMPORTANCE))
             t = solve_log_beta1(log_b, float(self.alpha[i]), self.config.beta2)
-            p, ds = keep_probabilities(log_b, t, self.config.beta2)
+            p, ds = keep_probabilities(log_b, t, self.config.beta2, capped_gradient=self.config.capped_gradient)
             out[g.name] = (p, ds, t)
         return out
 

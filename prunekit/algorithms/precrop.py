@@ -45,7 +45,7 @@ import numpy as np
 from prunekit.algorithms.base import Algorithm
 from prunekit.algorithms.registry import register_algorithm
 from prunekit.contract.layers import LayerInfo, signature
-from prunekit.decisions.pai_scores import GRASP_TEMPERATURE, SCORES, layer_densities, score_masks
+from prunekit.decisions.pai_scores import GRASP_TEMPERATURE, ROUND_RULES, SCORES, layer_densities, score_masks
 from prunekit.decisions.plan import PruningPlan
 from prunekit.decisions.selection import check_sparsity, keep_count, top_channels
 from prunekit.errors import ConfigError, ModelError
@@ -69,6 +69,10 @@ class PreCropConfig:
     reinit: bool = True             # re-initialise the narrow model (else keep the sliced init weights)
     score_shortcuts: bool = False   # score 1x1 shortcut convs too
     exclude: Sequence[str] = field(default_factory=tuple)  # more layers not scored
+    # departures from the released code (docs/DECISIONS.md): the releases' behaviour on request
+    bn_mode: Optional[str] = None   # BN while scoring: None = "train" for snip/grasp, "eval" for synflow
+    round_rule: str = "nearest"     # per-round keep count: "nearest" or "reference" (Synaptic-Flow's)
+    reinit_linear: bool = False     # grasp: score with the linear layers redrawn (Xavier), as the GraSP release
 
     def __post_init__(self):
         self.sparsity = check_sparsity(self.sparsity)
@@ -89,7 +93,18 @@ class PreCropConfig:
                 raise ConfigError(f"precrop {key} must be a positive number, got {v!r}")
         if self.structure not in STRUCTURES:
             raise ConfigError(f"unknown precrop structure {self.structure!r}; expected one of {', '.join(STRUCTURES)}")
-        for key in ("match_params", "reinit", "score_shortcuts"):
+        if self.bn_mode is None:
+            self.bn_mode = "eval" if self.score == "synflow" else "train"
+        if self.bn_mode not in ("train", "eval"):
+            raise ConfigError(f"precrop bn_mode must be 'train' or 'eval', got {self.bn_mode!r}")
+        if self.score == "synflow" and self.bn_mode != "eval":
+            raise ConfigError("precrop bn_mode='train' is not possible with score=synflow (its |θ| network scores "
+                              "in eval mode); use snip or grasp")
+        if self.round_rule not in ROUND_RULES:
+            raise ConfigError(f"precrop round_rule must be one of {', '.join(ROUND_RULES)}, got {self.round_rule!r}")
+        if self.reinit_linear is True and self.score != "grasp":
+            raise ConfigError(f"precrop reinit_linear applies to score=grasp only, got score={self.score!r}")
+        for key in ("match_params", "reinit", "score_shortcuts", "reinit_linear"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"precrop {key} must be true or false, got {getattr(self, key)!r}")
         if isinstance(self.exclude, str):
@@ -306,8 +321,9 @@ class PreCropPruner(Algorithm):
         return scored_layers(layers, self.config.score_shortcuts, self.config.exclude)
 
     # -------------------------------------------------------------- scoring at initialization
-    def score(self, handle, batches: Iterable = ()) -> Dict[str, float]:
-        """Scores and layer densities on ``handle`` (left unchanged); returns the densities."""
+    def score(self, handle, batches: Iterable = (), seed: int = 0) -> Dict[str, float]:
+        """Scores and layer densities on ``handle`` (left unchanged); returns the densities.
+        ``seed``: the linear layers' redraw of ``reinit_linear``."""
         cfg = self.config
         self.handle, self.ops = handle, handle.ops
         self.layers = self.select_layers(handle.layers)
@@ -317,7 +333,8 @@ class PreCropPruner(Algorithm):
         if keep < 1:
             raise ConfigError(f"sparsity {cfg.sparsity} keeps no weight of {total}")
         scores, masks = score_masks(handle, cfg.score, names, keep, batches, rounds=cfg.rounds,
-                                    temperature=cfg.temperature)
+                                    temperature=cfg.temperature, train=cfg.bn_mode == "train",
+                                    round_rule=cfg.round_rule, reinit_linear_seed=seed if cfg.reinit_linear else None)
         self.scores = {n: self.ops.to_numpy(scores[n]) for n in names}
         self._init_masks = masks
         self.densities = layer_densities(self.ops, masks)
@@ -338,7 +355,7 @@ class PreCropPruner(Algorithm):
 
         self._signature = signature(handle.layers)
         self._model_name = handle.model_name
-        self.score(handle, batches)
+        self.score(handle, batches, seed)
         if self.config.structure == "unstructured":
             for n, m in self._init_masks.items():  # pruned from the start (the driver keeps them at zero)
                 handle.mul_weight_(n, m)

@@ -9,6 +9,12 @@ adversarial rank term that pushes every conv weight away from its best low-rank 
   Ŵ = best rank-k approximation of Mn (held constant), ℓ = −‖Mn − Ŵ‖²_F;
 * L_rank = mean of ℓ over the layers; loss = L_task + λ·L_rank.
 
+Departures from the authors' release, offered as settings (docs/DECISIONS.md, "Departures from the
+released code"): ``rank_below_full`` (the release caps k at min(m, n) − 1, so every layer keeps a
+term), ``rank_mean`` ("nonzero": the release's mean over the layers whose term is not zero),
+``density_lag`` (1: the release's exponential schedule, one update behind prunekit's). The ranks
+reported (``ranks``, the plan) are those of the final weights, recomputed by :meth:`RPGPruner.finish`.
+
 The gradient of ℓ needs no autograd through the SVD. With R = Mn − Ŵ = (I − U_kU_kᵀ)Mn and
 G = ∂ℓ/∂Mn = −2R, the chain rule through the normalisation gives
 ∂ℓ/∂M = (G − ⟨G, Mn⟩ Mn) / ‖M‖_F = 2(‖R‖² Mn − R) / ‖M‖_F   (since ⟨R, Mn⟩ = ‖R‖²).
@@ -52,6 +58,7 @@ from prunekit.decisions.spectrum_tracking import (
 from prunekit.errors import ConfigError
 
 SEMANTICS = ("paper", "release")
+RANK_MEANS = ("all", "nonzero")
 
 
 @dataclass
@@ -68,9 +75,18 @@ class RPGConfig:
     refresh_every: Optional[int] = None  # subspace/tracked: exact solve every N steps (default 50/10)
     solve_lag: Optional[int] = None  # tracked: install each solve N steps later (default 8 on accelerators, else 0)
     rank_on: str = "auto"  # "device", "host" (NumPy), or "auto": the backend's preference
+    rank_below_full: bool = False  # True: k <= min(m, n) - 1 (the release), so no layer's term vanishes
+    rank_mean: str = "all"  # L_rank averaged over "all" conv layers, or "nonzero": those with a term (the release)
+    density_lag: int = 0  # 1: the exponential density runs one update behind (the release)
 
     def __post_init__(self):
         self.sparsity = check_sparsity(self.sparsity)
+        if not isinstance(self.rank_below_full, bool):
+            raise ConfigError(f"rank_below_full must be true or false, got {self.rank_below_full!r}")
+        if self.rank_mean not in RANK_MEANS:
+            raise ConfigError(f"rank_mean must be one of {', '.join(RANK_MEANS)}, got {self.rank_mean!r}")
+        if isinstance(self.density_lag, bool) or not isinstance(self.density_lag, int) or self.density_lag < 0:
+            raise ConfigError(f"density_lag must be a non-negative integer, got {self.density_lag!r}")
         check_rank_settings(self)
         if not (0.0 < self.partial_k < 1.0):
             raise ConfigError(f"partial_k must be in (0, 1), got {self.partial_k!r}")
@@ -110,7 +126,7 @@ class RPGPruner(Algorithm):
         c = self.config
         self.conv_layers = [l for l in self.layers if l.kind == "conv"]
         self.t_end = max(0, int(math.floor(c.end_fraction * max(0, self.total_steps - 1))))
-        self.schedule = SparsitySchedule(c.sparsity, 0, self.t_end, c.frequency, "exponential")
+        self.schedule = SparsitySchedule(c.sparsity, 0, self.t_end, c.frequency, "exponential", lag=c.density_lag)
         bind_rank_machinery(self, c)
         return self
 
@@ -140,6 +156,17 @@ class RPGPruner(Algorithm):
         if abs(self.current_sparsity - self.config.sparsity) > 1e-12:
             self.set_masks(magnitude_masks(self.handle, self.layers, self.config.sparsity, "unstructured", "global"))
             self.current_sparsity = self.config.sparsity
+        self.ranks.update(self.final_ranks())
+
+    def final_ranks(self) -> Dict[str, int]:
+        """k of every conv layer's final (masked) weights, by the rank rule, on the host in float64:
+        the ranks reported, whatever step last computed the rank term."""
+        out = {}
+        for l in self.conv_layers:
+            w = np.asarray(self.ops.to_numpy(self.handle.weight(l.name)), dtype=np.float64)
+            s = np.linalg.svd(w.reshape(w.shape[0], -1), compute_uv=False)
+            out[l.name] = self.rank_rule(s, float(np.sum(s * s)))
+        return out
 
     # ------------------------------------------------------------------ gradients
     def observe_gradients(self, step: int, grads: Dict[str, object]) -> None:
@@ -174,31 +201,44 @@ class RPGPruner(Algorithm):
         mats = {l.name: matrix_view(ops, to_rank_ops(self, self.handle.weight(l.name))) for l in self.conv_layers}
         shapes = {l.name: l.weight_shape for l in self.conv_layers}
         terms, loss = {}, 0.0
-        n_layers = len(mats)
-        # per shape group, on the stacked matrices: a few batched ops whatever the number of layers
+        # per shape group, on the stacked matrices: a few batched ops whatever the number of layers;
+        # first the ranks and ‖R‖² of every layer (the mean's divisor may depend on them), then the terms
+        groups = []
         for g in self.engine.group_spectra(mats, {n: self.ranks.get(n, 1) for n in mats}):
             b, q = g.s.shape
+            full = min(ops.shape(g.stack)[1:])
             keep, inv, r2, coef = np.zeros((b, q)), np.zeros(b), np.zeros(b), np.zeros(b)
             for i, (name, s, e) in enumerate(zip(g.names, g.s, g.total_energy)):
                 if e <= 0.0:  # an all-zero layer: no term (its rows of inv, r2, coef stay 0)
                     self.ranks[name] = 0
                     continue
-                k = residual_rank(s, self.config.partial_k, e)
+                k = self.rank_rule(s, e, full)
                 self.ranks[name] = k
                 keep[i, :k] = 1.0
-                nrm = math.sqrt(e)
-                inv[i] = 1.0 / nrm
+                inv[i] = 1.0 / math.sqrt(e)
                 r2[i] = max(0.0, 1.0 - float(np.sum(s[:k] ** 2)) / e)  # ‖R‖² from the spectrum
-                coef[i] = 2.0 * scale / (nrm * n_layers)
                 loss -= r2[i]
+            groups.append((g, keep, inv, r2, coef))
+        # a term is zero where the rank-k fit is exact: k = full rank (or an all-zero layer, k = 0)
+        n_layers = self._mean_divisor(len(mats), [0 < self.ranks[n] < min(ops.shape(g.stack)[1:])
+                                                  for g, *_ in groups for n in g.names])
+        for g, keep, inv, r2, coef in groups:
+            coef[:] = 2.0 * scale * inv / n_layers
             mn = g.stack * _per_matrix(ops, inv, g.stack)
             r = mn - g.weighted_projection(ops, mn, keep)  # R = Mn − U_k U_kᵀ Mn
             grad = (mn * _per_matrix(ops, r2, mn) - r) * _per_matrix(ops, coef, mn)
             for name, gi, e in zip(g.names, ops.unstack(grad), g.total_energy):
                 if e > 0.0:
                     terms[name] = from_rank_ops(self, ops.reshape(gi, shapes[name]), name)
-        self.rank_loss = loss / max(1, n_layers)
+        self.rank_loss = loss / n_layers
         return {l.name: terms[l.name] for l in self.conv_layers if l.name in terms}
+
+    def _mean_divisor(self, n_layers: int, has_term) -> int:
+        """The number of layers L_rank is averaged over: all conv layers, or (``rank_mean="nonzero"``,
+        the release) those with a term (``has_term``: 0 < k < full rank); at least 1."""
+        if self.config.rank_mean == "nonzero":
+            return max(1, sum(1 for t in has_term if t))
+        return max(1, n_layers)
 
     def _tracked_rank_gradients(self, scale: float) -> Dict[str, object]:
         """The same gradient, per shape group on stacked matrices, with the bases and ranks of the
@@ -207,9 +247,13 @@ class RPGPruner(Algorithm):
         ops, tracker = self.rank_ops, self.tracker
         mats = {l.name: matrix_view(ops, to_rank_ops(self, self.handle.weight(l.name))) for l in self.conv_layers}
         shapes = {l.name: l.weight_shape for l in self.conv_layers}
-        factor = 2.0 * scale / max(1, len(mats))
         out, loss = {}, 0.0
-        for group, stack in tracker.stacks(mats, self.rank_rule):
+        stacks = tracker.stacks(mats, self.rank_rule)
+        # the layers with a term at the last solve (the mean's divisor for rank_mean="nonzero")
+        n_layers = self._mean_divisor(len(mats), [e > 0 and 0 < k < min(group.shape)
+                                                  for group, _ in stacks for e, k in zip(group.energy, group.ranks)])
+        factor = 2.0 * scale / n_layers
+        for group, stack in stacks:
             energy = batch_scalars(ops, stack)
             # 1/‖M‖; for M = 0 any finite value gives the same zero term (mn = 0, R = 0), so no
             # mask of the zero matrices (three kernel launches per group saved)
@@ -225,7 +269,7 @@ class RPGPruner(Algorithm):
                 for s, e, k in zip(group.s, group.energy, group.ranks):
                     loss -= max(0.0, 1.0 - float(np.sum(s[:k] ** 2)) / e) if e > 0 else 0.0
         if tracker.solved_now:
-            self.rank_loss = loss / max(1, len(mats))
+            self.rank_loss = loss / n_layers
         return out
 
     # ------------------------------------------------------------------ masks
@@ -278,9 +322,13 @@ class RPGPruner(Algorithm):
         return {"target_sparsity": c.sparsity, "partial_k": c.partial_k, "lam": c.lam, "semantics": c.semantics,
                 "rank_every": c.rank_every, "spectrum": getattr(self, "spectrum", c.spectrum), "rank_loss": self.rank_loss}
 
-    def rank_rule(self, s, total_energy: float) -> int:
-        """This algorithm's rank rule on a spectrum (the tracked path's solves use it)."""
-        return residual_rank(s, self.config.partial_k, total_energy)
+    def rank_rule(self, s, total_energy: float, full: Optional[int] = None) -> int:
+        """This algorithm's rank rule on a spectrum (the tracked path's solves use it, with the whole
+        spectrum: ``full`` defaults to its length)."""
+        cap = None
+        if self.config.rank_below_full:
+            cap = (len(s) if full is None else int(full)) - 1
+        return residual_rank(s, self.config.partial_k, total_energy, max_rank=cap)
 
     def state_dict(self) -> dict:
         d = super().state_dict()

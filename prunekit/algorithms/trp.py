@@ -13,10 +13,21 @@ negligible loss and no fine-tuning.
   before the optimizer steps: W ← T(W) − η(∇f(T(W)) + λ U_r V_rᵀ). (A decision: the
   specification does not say whether the step's gradient is taken before or after the
   projection; after it, the network trains in the low-rank space it will be decomposed into.)
+* ``scheme="nd"`` (network decoupling, the release's ``--type ND``, which its training script
+  uses): the rank is taken per *filter*, of W[o] as a (C_in, kh·kw) matrix; each filter is
+  projected to its own energy rank and gets its own λ·U_r V_rᵀ
+  (:func:`prunekit.decisions.spectrum.nd_projection`; per-filter spectra are always exact, so
+  ``spectrum`` must be "auto" or "gram"). The layer's rank is the largest filter rank, at most
+  min(C_in, kh·kw). The decomposition keeps, per filter, the fewest values holding ``nd_energy``
+  (0.85, the release's) of its energy, K = the largest of those, and builds K parallel paths of
+  a pointwise conv then a depthwise conv (the release's ``network_decouple``), fused into two
+  convs: a 1×1 conv C_in → K·C_out and a conv with C_out groups of K channels
+  (:func:`prunekit.decisions.spectrum.nd_factors`). ``threshold`` (a value rule) is the
+  channel/spatial schemes' and is refused with ``nd``.
 * Final decomposition (:meth:`TRPPruner.final_transform`, :func:`plan_decompositions`,
-  :func:`decomposition_factors`): keep singular values ≥ the threshold (the run's
-  ``decompose_threshold``, 0.05 as in the release) — or a fixed ``rank`` / ``energy`` — and split
-  each layer into two convs, which the backend's ``apply_decompositions`` builds.
+  :func:`decomposition_factors`): keep singular values ≥ ``threshold`` (0.05 as in the release;
+  ``prunekit run --decompose-threshold X`` and ``--set threshold=X`` both set it, > 0) — or a fixed
+  ``rank`` / ``energy`` — and split each layer into two convs, which the backend's ``apply_decompositions`` builds.
   NC: conv r×C_in×kh×kw (the original stride and padding) then 1×1 conv C_out×r (with the
   original bias). VH: conv r×C_in×kh×1 (vertical stride/padding) then conv C_out×r×1×kw
   (horizontal stride/padding). Strided convs are decomposed too, the stride going on the
@@ -34,7 +45,8 @@ from prunekit.algorithms.base import Algorithm, FinalTransform, tensors_from_num
 from prunekit.algorithms.registry import register_algorithm
 from prunekit.decisions.flops import count_handle
 from prunekit.decisions.selection import energy_rank, value_rank
-from prunekit.decisions.spectrum import SCHEMES, from_matrix_view, from_rank_ops, matrix_view, to_rank_ops
+from prunekit.decisions.spectrum import (SCHEMES, from_matrix_view, from_rank_ops, matrix_view, nd_factors,
+                                        nd_projection, to_rank_ops)
 from prunekit.decisions.spectrum_tracking import (
     bind_rank_machinery, check_rank_settings, load_rank_machinery, positive, save_rank_machinery
 )
@@ -52,6 +64,7 @@ class TRPConfig:
     refresh_every: Optional[int] = None  # subspace/tracked: exact solve every N steps (default 50/10)
     solve_lag: Optional[int] = None  # tracked: install each solve N steps later (default 8 on accelerators, else 0)
     rank_on: str = "auto"  # "device", "host" (NumPy), or "auto": the backend's preference
+    nd_energy: float = 0.85  # scheme "nd": the decomposition's per-filter energy (the release's EnergyThreshold(0.85))
 
     def __post_init__(self):
         check_rank_settings(self)
@@ -63,6 +76,23 @@ class TRPConfig:
             raise ConfigError(f"every must be >= 1, got {self.every!r}")
         if self.scheme not in SCHEMES:
             raise ConfigError(f"unknown TRP scheme {self.scheme!r}; expected one of {', '.join(SCHEMES)}")
+        check_threshold(self.threshold)
+        if not (0.0 < self.nd_energy <= 1.0):
+            raise ConfigError(f"trp nd_energy must be in (0, 1], got {self.nd_energy!r}")
+        if self.scheme == "nd" and self.threshold != TRPConfig.threshold:
+            raise ConfigError(f"trp threshold={self.threshold!r} is the channel/spatial decomposition's value rule; the nd "
+                              f"scheme keeps nd_energy of each filter's energy (set nd_energy instead)")
+        if self.scheme == "nd" and self.spectrum not in ("auto", "gram"):
+            raise ConfigError(f"trp spectrum={self.spectrum!r} with scheme nd: per-filter spectra are always exact; "
+                              f"use auto or gram")
+
+
+def check_threshold(threshold) -> float:
+    """The decomposition's threshold: a positive, finite number (at 0 or below every singular
+    value is kept and the two factors are larger than the layer)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (0.0 < threshold < math.inf):
+        raise ConfigError(f"trp threshold (--decompose-threshold) must be a positive number, got {threshold!r}")
+    return float(threshold)
 
 
 @register_algorithm
@@ -95,6 +125,8 @@ class TRPPruner(Algorithm):
         self._pending = None
         if step % c.every != 0:
             return
+        if c.scheme == "nd":
+            return self._nd_step()
         if self.tracker is not None:
             return self._tracked_step()
         ops = self.rank_ops
@@ -125,6 +157,14 @@ class TRPPruner(Algorithm):
         # all layers at once (one call where the backend can)
         self.handle.set_weights({n: projected[n] for n in order if n in projected})
         self._pending = {n: pending[n] for n in order if n in pending}
+
+    def _nd_step(self) -> None:
+        """The projection and nuclear term per filter (the ``nd`` scheme)."""
+        ws = {l.name: to_rank_ops(self, self.handle.weight(l.name)) for l in self.layers}
+        step = nd_projection(self.rank_ops, ws, self.rank_rule, self.config.lam)
+        self.ranks.update(step.ranks)
+        self.handle.set_weights({n: from_rank_ops(self, w, n) for n, w in step.projected.items()})
+        self._pending = {n: from_rank_ops(self, t, n) for n, t in step.terms.items()}
 
     def _tracked_step(self) -> None:
         """Projection and nuclear term per shape group with the bases and ranks of the last exact
@@ -176,22 +216,29 @@ class TRPPruner(Algorithm):
 
     def final_transform(self, handle, backend, threshold: float) -> FinalTransform:
         """Split each trained low-rank conv into two convs, keeping the singular values >=
-        ``threshold``; the report section has the ranks, and parameters and MACs of both models."""
+        ``threshold`` (None: the config's); the report section has the ranks, and parameters and MACs
+        of both models."""
+        threshold = check_threshold(self.config.threshold if threshold is None else threshold)
         before = count_handle(handle)
-        decompositions = plan_decompositions(handle, self.config.scheme, threshold=threshold,
+        nd = self.config.scheme == "nd"  # per-filter energy rule (the release's), not a value threshold
+        decompositions = plan_decompositions(handle, self.config.scheme, threshold=None if nd else threshold,
+                                             energy=self.config.nd_energy if nd else None,
                                              layers=[l.name for l in self.layers])
         new_handle = backend.apply_decompositions(handle, decompositions)
         after = count_handle(new_handle)
-        section = {"scheme": self.config.scheme, "threshold": threshold,
+        section = {"scheme": self.config.scheme, "threshold": None if nd else threshold,
                    "ranks": {d.layer: d.rank for d in decompositions},
                    "params_before": before["total_params"], "params_after": after["total_params"],
                    "macs_before": before["dense_macs"], "macs_after": after["dense_macs"],
                    "flops_reduction": before["dense_macs"] / max(1, after["dense_macs"])}
+        if nd:
+            section["energy"] = self.config.nd_energy
         return FinalTransform("decomposition", new_handle, section)
 
     def describe(self) -> dict:
         c = self.config
-        return {"energy": c.energy, "lam": c.lam, "every": c.every, "scheme": c.scheme, "spectrum": getattr(self, "spectrum", c.spectrum)}
+        spectrum = "exact per filter" if c.scheme == "nd" else getattr(self, "spectrum", c.spectrum)
+        return {"energy": c.energy, "lam": c.lam, "every": c.every, "scheme": c.scheme, "spectrum": spectrum}
 
     def rank_rule(self, s, total_energy: float) -> int:
         """This algorithm's rank rule on a spectrum (the tracked path's solves use it)."""
@@ -219,6 +266,7 @@ class ConvFactor:
     stride: tuple
     padding: tuple
     bias: Optional[np.ndarray] = None
+    groups: int = 1             # scheme "nd": the second conv has C_out groups
 
 
 @dataclass
@@ -249,6 +297,11 @@ def decomposition_factors(weight: np.ndarray, bias: Optional[np.ndarray], stride
     co, ci, kh, kw = w.shape
     sh, sw = stride
     ph, pw = padding
+    if scheme == "nd":
+        f32 = lambda x: np.ascontiguousarray(x, dtype=np.float32)  # noqa: E731
+        k, pointwise, grouped = nd_factors(w, lambda s: choose_rank(s, threshold, None, energy), rank)
+        return Decomposition(layer, scheme, k, ConvFactor(f32(pointwise[:, :, None, None]), (1, 1), (0, 0)),
+                             ConvFactor(f32(grouped), (sh, sw), (ph, pw), bias, groups=co))
     if scheme == "channel":
         m = w.reshape(co, ci * kh * kw)
     elif scheme == "spatial":

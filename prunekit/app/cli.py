@@ -76,12 +76,14 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                         "statistics; computed from the training images for a folder)")
     p.add_argument("--algorithm", default=d.algorithm,
                    help=f"pruning algorithm: {', '.join(algorithm_names())} (default %(default)s)")
-    p.add_argument("--sparsity", type=float, default=d.sparsity, help="final sparsity in [0, 1) (default %(default)s)")
-    p.add_argument("--granularity", default=d.granularity, choices=["unstructured", "channel"])
-    p.add_argument("--scope", default=d.scope, choices=["global", "layer"])
-    p.add_argument("--schedule", default=d.schedule, help="cubic, exponential or oneshot (default %(default)s)")
-    p.add_argument("--frequency", type=int, default=d.frequency,
-                   help="steps between mask updates (default: 10 updates over the schedule)")
+    own = "(default: the algorithm's own)"
+    p.add_argument("--sparsity", type=float, default=d.sparsity, help=f"final sparsity in [0, 1) {own}")
+    p.add_argument("--granularity", default=d.granularity, choices=["unstructured", "channel"], help=own)
+    p.add_argument("--scope", default=d.scope, choices=["global", "layer"], help=own)
+    p.add_argument("--schedule", default=d.schedule, help=f"cubic, exponential or oneshot {own}")
+    p.add_argument("--frequency", type=int, default=d.frequency, help=f"steps between mask updates {own}")
+    p.add_argument("--end-fraction", type=float, default=d.end_fraction,
+                   help=f"share of the pruning phase the algorithm's schedule runs over {own}")
     p.add_argument("--dense-epochs", type=int, default=d.dense_epochs)
     p.add_argument("--prune-epochs", type=int, default=d.prune_epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -104,7 +106,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="an algorithm setting, e.g. --set partial_k=0.1 --set lam=0.5 (repeatable; the value is "
                         "read as YAML and checked against the algorithm's settings)")
     p.add_argument("--decompose-threshold", type=float, default=d.decompose_threshold,
-                   help="TRP: singular values kept by the final decomposition (default %(default)s)")
+                   help="TRP's `threshold` setting (the same as --set threshold=X): singular values kept by the "
+                        "final decomposition (default: the algorithm's own, 0.05)")
     p.add_argument("--recipe", default=None, help="a YAML recipe; flags given beside it override its values")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="STEPS",
                    help="steps between checkpoints in OUT/checkpoint (default: once per epoch, and at phase ends; "

@@ -219,8 +219,10 @@ def load_run(run_dir: str) -> Tuple[ModelStructure, Dict[str, np.ndarray], str]:
         structure.scheme = str(dec.get("scheme") or "")
         structure.ranks = {str(k): int(v) for k, v in (dec.get("ranks") or {}).items()}
         for layer, rank in structure.ranks.items():
-            first = state.get(f"{layer}.0.weight")
-            if first is None or first.shape[0] != rank:
+            first, second = state.get(f"{layer}.0.weight"), state.get(f"{layer}.1.weight")
+            # the nd scheme's first conv holds rank paths per filter (rank x C_out rows)
+            rows = rank * (second.shape[0] if structure.scheme == "nd" and second is not None else 1)
+            if first is None or first.shape[0] != rows:
                 raise PlanError(f"report says {layer!r} was decomposed at rank {rank}, but weights.npz has "
                                 f"{'no ' + layer + '.0.weight' if first is None else 'rank ' + str(first.shape[0])}")
     compaction = report.get("compaction")

@@ -44,12 +44,13 @@ class RunConfig:
     dataset: str = "cifar10"
     data_root: Optional[str] = None
     algorithm: str = DEFAULT_ALGORITHM
-    sparsity: float = 0.9
-    granularity: str = "unstructured"
-    scope: str = "global"
-    schedule: str = "cubic"
-    frequency: Optional[int] = None  # steps between mask updates; None: 10 updates over the schedule
-    end_fraction: float = 0.6
+    # the algorithm's common settings: None leaves the algorithm's own default (``algorithm_kwargs``)
+    sparsity: Optional[float] = None
+    granularity: Optional[str] = None
+    scope: Optional[str] = None
+    schedule: Optional[str] = None
+    frequency: Optional[int] = None  # steps between mask updates
+    end_fraction: Optional[float] = None
     dense_epochs: int = 3
     prune_epochs: int = 3
     batch_size: int = 128
@@ -66,7 +67,7 @@ class RunConfig:
     progress: bool = True
     distributed: Optional[bool] = None  # data parallel (torchrun / msrun); None: when launched by one
     params: Dict[str, Any] = field(default_factory=dict)  # algorithm hyperparameters (--set key=value)
-    decompose_threshold: float = 0.05  # singular values kept by a final decomposition (TRP's)
+    decompose_threshold: Optional[float] = None  # TRP's ``threshold`` setting, by its command-line name
     checkpoint_every: Optional[int] = None  # steps between checkpoints; None: once per epoch; 0: none
     resume: bool = False  # continue from <out>/checkpoint (an error if there is none)
     deterministic: bool = False  # deterministic kernels, one thread: bitwise-reproducible resumes on CPU
@@ -84,7 +85,8 @@ class RunConfig:
         check_run_config(self)  # types, ranges and choices of every field (prunekit.app.validation)
         self.backend = check_backend_name(self.backend)
         self.algorithm = algorithm_class(self.algorithm).name
-        self.sparsity = check_sparsity(self.sparsity)
+        if self.sparsity is not None:
+            self.sparsity = check_sparsity(self.sparsity)
         self.dataset = datasets.check_dataset_name(self.dataset)
         run_inputs.check_settings(self)  # the model (reference, source or factory) and its inputs
         for key in ("dense_epochs", "prune_epochs"):
@@ -109,18 +111,38 @@ class RunConfig:
         self.algorithm_kwargs()
         return self
 
-    def algorithm_kwargs(self, prune_steps: int = 1000) -> dict:
-        """The algorithm's config: the run's common settings that the algorithm has, then
-        ``params`` (``--set key=value``), checked by the registry and the algorithm's config class."""
+    def common_settings(self) -> dict:
+        """The run's common settings that the user gave (not None), by the algorithm's setting
+        names: ``decompose_threshold`` is the ``threshold`` setting of a decomposing algorithm."""
+        given = {k: getattr(self, k) for k in COMMON_SETTINGS if getattr(self, k) is not None}
+        if self.decompose_threshold is not None:
+            if "threshold" not in setting_types(self.algorithm):
+                raise ConfigError(f"decompose_threshold={self.decompose_threshold!r}: {self.algorithm} makes no "
+                                  f"decomposition (it has no 'threshold' setting)")
+            if "threshold" in self.params and self.params["threshold"] != self.decompose_threshold:
+                raise ConfigError(f"decompose_threshold={self.decompose_threshold!r} and --set threshold="
+                                  f"{self.params['threshold']!r} are the same setting; give one")
+            given["threshold"] = self.decompose_threshold
+        return given
+
+    def ignored_settings(self) -> list:
+        """Common settings the user gave that the algorithm does not have (the job says so)."""
         names = set(setting_types(self.algorithm))
-        frequency = self.frequency
-        if frequency is None:
-            frequency = max(1, int(self.end_fraction * prune_steps) // 10)
-        common = {"sparsity": self.sparsity, "granularity": self.granularity, "scope": self.scope,
-                  "schedule": self.schedule, "frequency": frequency, "end_fraction": self.end_fraction}
-        kwargs = {k: v for k, v in common.items() if k in names}
+        return sorted(k for k in self.common_settings() if k not in names)
+
+    def algorithm_kwargs(self, prune_steps: Optional[int] = None) -> dict:
+        """The algorithm's config: its own defaults, then the run's common settings that the user
+        gave and the algorithm has, then ``params`` (``--set key=value``), checked by the registry and
+        the algorithm's config class. No job-wide default replaces an algorithm's, so the settings
+        do not depend on the phase length (``prune_steps``, still accepted from older callers)."""
+        names = set(setting_types(self.algorithm))
+        kwargs = {k: v for k, v in self.common_settings().items() if k in names}
         kwargs.update(self.params)
         return {"config": algorithm_config(self.algorithm, **kwargs)}
+
+
+#: RunConfig fields passed to the algorithm under the same name when given
+COMMON_SETTINGS = ("sparsity", "granularity", "scope", "schedule", "frequency", "end_fraction")
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -174,6 +196,9 @@ def run(cfg: RunConfig, echo=print) -> dict:
     cfg.validate()
     check_run_environment(cfg)  # the device and the output folder, before anything is read or written
     cfg, echo, comm = _start_data_parallel(cfg, echo)  # rank 0 alone prints and writes files
+    if cfg.ignored_settings():
+        echo(f"{cfg.algorithm} has no setting(s) {', '.join(cfg.ignored_settings())}: ignored "
+             f"(its settings and their values are in the report)")
     # an algorithm that prunes at initialization scores the untrained model: no dense phase
     at_init = algorithm_class(cfg.algorithm).prunes_at_init
     if at_init:
@@ -225,7 +250,7 @@ def run(cfg: RunConfig, echo=print) -> dict:
         echo(f"test accuracy before pruning: {accuracy['before_pruning']:.2%}")
 
     prune_steps = cfg.prune_epochs * steps_per_epoch
-    algorithm = make_algorithm(cfg.algorithm, **cfg.algorithm_kwargs(prune_steps))
+    algorithm = make_algorithm(cfg.algorithm, **cfg.algorithm_kwargs())
     if held_out is not None:
         algorithm.validation = _endless_batches(held_out[0], held_out[1], ds, cfg)
     lr = cfg.lr if not cfg.dense_epochs else cfg.lr * 0.5
@@ -258,6 +283,7 @@ def run(cfg: RunConfig, echo=print) -> dict:
     progress.record("final", train_algorithm)  # measured after the algorithm's final decisions
     accuracy["after_pruning"] = _evaluate(trainer, ds, cfg)
     extra = dict(init_extra)
+    # None: the algorithm's own threshold setting (which ``--decompose-threshold``, when given, has set)
     transform = algorithm.final_transform(handle, backend, cfg.decompose_threshold)
     if transform is not None:  # a model rebuilt from the trained one (e.g. a low-rank decomposition)
         handle, extra[transform.name] = transform.handle, transform.section
@@ -273,8 +299,8 @@ def run(cfg: RunConfig, echo=print) -> dict:
     run_info = {"backend": cfg.backend, "algorithm": cfg.algorithm, "dataset": cfg.dataset,
                 "train_images": int(len(ds.y_train)), "test_images": int(len(ds.y_test)),
                 "target_sparsity": algorithm.target_sparsity,
-                "granularity": cfg.granularity, "scope": cfg.scope,
-                "schedule": cfg.schedule, "dense_epochs": cfg.dense_epochs, "prune_epochs": cfg.prune_epochs,
+                **{k: v for k, v in _config_record(algorithm.config).items() if k in ("granularity", "scope", "schedule")},
+                "ignored_settings": cfg.ignored_settings() or None, "dense_epochs": cfg.dense_epochs, "prune_epochs": cfg.prune_epochs,
                 "steps": (cfg.dense_epochs + cfg.prune_epochs) * steps_per_epoch,
                 "train_seconds": round(dense_seconds + prune_seconds, 1), "seed": cfg.seed,
                 "checkpoints": progress.checkpoints_written or None,

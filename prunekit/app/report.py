@@ -62,6 +62,9 @@ def format_report(report: dict, max_layers: int = 60) -> str:
     if run.get("dataset"):
         head += f", {run['dataset']}"
     lines.append(head)
+    settings = report.get("algorithm_config")
+    if settings:  # every setting's effective value: the algorithm's defaults and what the run set
+        lines.append(f"{run.get('algorithm', 'algorithm')} settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     lines.append(f"{'layer':<28} {'kind':<6} {'shape':<18} {'params':>9} {'nonzero':>9} {'sparsity':>8} {'MACs':>9} {'rank':>5}")
     rows = report["layers"]
     shown = rows if len(rows) <= max_layers else rows[:max_layers]
@@ -81,7 +84,9 @@ def format_report(report: dict, max_layers: int = 60) -> str:
                  f"({t['macs_kept_fraction']:.2%} kept)")
     dec = report.get("decomposition")
     if dec:
-        lines.append(f"decomposition ({dec['scheme']}, singular values >= {dec['threshold']}): parameters "
+        rule = (f"singular values >= {dec['threshold']}" if dec.get("threshold") is not None
+                else f"{dec.get('energy')} of each filter's energy")  # TRP's nd scheme: an energy rule
+        lines.append(f"decomposition ({dec['scheme']}, {rule}): parameters "
                      f"{dec['params_before']:,} -> {dec['params_after']:,}, MACs {_fmt_count(dec['macs_before'])} -> "
                      f"{_fmt_count(dec['macs_after'])} ({dec['flops_reduction']:.2f}x fewer)")
     for lat in _latencies(report):
@@ -104,8 +109,8 @@ def report_markdown(report: dict) -> str:
         out += ["| setting | value |", "| --- | --- |"]
         out += [f"| {k} | {v} |" for k, v in report["run"].items()]
         out.append("")
-    if report.get("algorithm_config"):
-        out += [f"| {report.get('run', {}).get('algorithm', 'algorithm')} setting | value |", "| --- | --- |"]
+    if report.get("algorithm_config"):  # every setting's effective value, defaults included
+        out += [f"| {report.get('run', {}).get('algorithm', 'algorithm')} setting (effective) | value |", "| --- | --- |"]
         out += [f"| {k} | {v} |" for k, v in report["algorithm_config"].items()]
         out.append("")
     if report.get("accuracy"):

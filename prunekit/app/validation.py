@@ -56,7 +56,7 @@ def _number(key: str, value: float, low: float, high: float = math.inf, low_open
 
 
 def _choice(key: str, value: str, allowed) -> None:
-    if value not in allowed:
+    if value is not None and value not in allowed:  # None: the algorithm's own default
         raise ConfigError(f"unknown {key} {value!r}; expected one of {', '.join(allowed)}")
 
 
@@ -69,8 +69,10 @@ def check_run_config(cfg: Any) -> None:
     _number("lr", cfg.lr, 0.0, low_open=True)
     _number("momentum", cfg.momentum, 0.0, 1.0)
     _number("weight_decay", cfg.weight_decay, 0.0)
-    _number("end_fraction", cfg.end_fraction, 0.0, 1.0, low_open=True, high_open=False)
-    _number("decompose_threshold", cfg.decompose_threshold, 0.0)
+    if cfg.end_fraction is not None:  # None: the algorithm's own default
+        _number("end_fraction", cfg.end_fraction, 0.0, 1.0, low_open=True, high_open=False)
+    if cfg.decompose_threshold is not None:
+        _number("decompose_threshold", cfg.decompose_threshold, 0.0)
     if cfg.frequency is not None and cfg.frequency < 1:
         raise ConfigError(f"frequency must be a positive number of steps (or unset: 10 updates), got {cfg.frequency!r}")
     if cfg.seed < 0:

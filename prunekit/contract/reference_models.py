@@ -22,6 +22,9 @@ MODELS = {
     "resnet20": "CIFAR ResNet-20 (basic blocks, 0.27M params)",
     "resnet32": "CIFAR ResNet-32 (basic blocks, 0.46M params)",
     "resnet56": "CIFAR ResNet-56 (basic blocks, 0.85M params)",
+    "resnet20b": "CIFAR ResNet-20 with projection shortcuts (1x1 conv + BN where the shape changes)",
+    "resnet32b": "CIFAR ResNet-32 with projection shortcuts (1x1 conv + BN where the shape changes)",
+    "resnet56b": "CIFAR ResNet-56 with projection shortcuts (1x1 conv + BN where the shape changes)",
     "vgg16": "VGG-16 with BatchNorm for 32x32 input",
     "vgg19": "VGG-19 with BatchNorm for 32x32 input",
     "mobilenetv2": "MobileNetV2 for 32x32 input (depthwise convs)",
@@ -72,6 +75,19 @@ def resnet_stages(depth: int, width: int = 1) -> List[List[Tuple[int, int, int]]
     return stages
 
 
+#: CIFAR ResNets whose shortcut is a 1x1 conv (stride of the block, no bias) + BN wherever the
+#: block changes the shape, identity elsewhere: the "option B" of He et al., and the
+#: ``downsample="conv"`` blocks of the DSA release (its ``cifar10_resnet*_dsconv`` models). Each
+#: stage's residual stream is then produced by convs only (the projection and the blocks' second
+#: convs), so its channels can be pruned; with option-A shortcuts they cannot.
+PROJECTION_SUFFIX = "b"
+
+
+def has_projection(in_planes: int, planes: int, stride: int) -> bool:
+    """Whether a basic block of a projection-shortcut ResNet has a 1x1 conv + BN shortcut."""
+    return stride != 1 or in_planes != planes
+
+
 def mobilenetv2_blocks() -> List[Tuple[int, int, int, int]]:
     """``(in channels, out channels, expansion, stride)`` of every inverted residual block."""
     blocks, c = [], MBV2_STEM
@@ -85,9 +101,13 @@ def mobilenetv2_blocks() -> List[Tuple[int, int, int, int]]:
 def build_reference(name: str, builders: Mapping[str, Callable], num_classes: int = 10, in_channels: int = 3,
                     width: int = 1):
     """The reference model ``name``, built by a backend's constructors: ``builders["resnet"](depth,
-    num_classes, in_channels, width)``, ``builders["vgg"](depth, num_classes, in_channels)``,
-    ``builders["mobilenetv2"]`` and ``builders["mnist_cnn"]`` ``(num_classes, in_channels)``."""
+    num_classes, in_channels, width)`` (and ``builders["resnet_projection"]`` with the same
+    arguments for the ``resnet<depth>b`` models), ``builders["vgg"](depth, num_classes,
+    in_channels)``, ``builders["mobilenetv2"]`` and ``builders["mnist_cnn"]`` ``(num_classes,
+    in_channels)``."""
     key = check_model_name(name)
+    if key.startswith("resnet") and key.endswith(PROJECTION_SUFFIX):
+        return builders["resnet_projection"](int(key[6:-len(PROJECTION_SUFFIX)]), num_classes, in_channels, width)
     if key.startswith("resnet"):
         return builders["resnet"](int(key[6:]), num_classes, in_channels, width)
     if key.startswith("vgg"):

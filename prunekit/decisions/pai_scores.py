@@ -7,7 +7,8 @@ statistics) and the train/eval mode first and restores them afterwards, so BN ru
 updated by train-mode forwards and SynFlow's |θ| weights leave no trace.
 
 * SNIP (Lee et al. 2019): ``|θ ⊙ g|`` with ``g`` the mean gradient of the cross-entropy over a few
-  batches of real data, model in train mode (BN batch statistics, as the reference code).
+  batches of real data, model in train mode (BN batch statistics, as the GraSP release), or in eval
+  mode with ``train=False`` (the Synaptic-Flow reference's default for every method).
 * GraSP (Wang et al. 2020): ``θ ⊙ (H g)`` with logits divided by ``temperature`` (200), ``g`` the
   mean gradient over the batches and ``H`` the Hessian of the same mean loss with respect to the
   scored weights; low scores are pruned (the reference code removes the *highest* ``-θ ⊙ Hg``,
@@ -17,12 +18,17 @@ updated by train-mode forwards and SynFlow's |θ| weights leave no trace.
   gradients was tried and rejected: on ReLU/max-pool networks it is biased by the kinks a step
   crosses, whatever the step (40-120 % error, float64 too). MindSpore 2.10 on CPU has no reliable
   second-order gradients for max-pool and BatchNorm, so GraSP raises a clear error there.
+  ``reinit_linear_seed``: the GraSP release scores a copy of the model whose linear layers are
+  re-initialised (Xavier normal) first; here the linear weights are redrawn, seeded, for the scoring
+  only (the model is restored afterwards).
 * SynFlow (Tanaka et al. 2020): data-free. Every parameter and BN statistic is replaced by its
   absolute value, the model is put in eval mode (BN is then the fixed affine map of its
   statistics, as the reference code's default), an all-ones input of batch size 1 is fed, ``R`` is
   the sum of the outputs and the score is ``|θ ⊙ ∂R/∂θ|``. :func:`synflow_masks` iterates
   ``rounds`` times, keeping ``density^(t/rounds)`` of the weights after round ``t`` with one global
-  threshold, scoring the masked weights each round.
+  threshold, scoring the masked weights each round. The per-round count is
+  ``round(N·d^(t/rounds))`` (``round_rule="nearest"``) or the Synaptic-Flow reference's
+  ``N − int((1 − d^(t/rounds))·N)`` (``"reference"``); the last round keeps ``keep`` either way.
 
 Scores are computed in the model's float32. SynFlow's ``R`` grows like the product of the layers'
 weight sums (about 1e24 on ResNet-20, 1e39 on ResNet-32, 1e70 on ResNet-56 at prunekit's
@@ -46,6 +52,8 @@ from prunekit.decisions.selection import global_topk_masks
 from prunekit.errors import ConfigError, ModelError
 
 SCORES = ("snip", "grasp", "synflow")
+#: per-round keep counts of the iterative scores (:func:`round_keep`)
+ROUND_RULES = ("nearest", "reference")
 #: default GraSP temperature (the logits are divided by it)
 GRASP_TEMPERATURE = 200.0
 
@@ -82,6 +90,31 @@ class _Restore:
         self.handle.load_state_numpy(self.state)
         self.handle.set_training(self.training)
         return False
+
+
+def round_keep(total: int, keep: int, t: int, rounds: int, rule: str = "nearest") -> int:
+    """Weights kept after round ``t`` of ``rounds`` on the way to ``keep`` of ``total``: the density
+    ``d^(t/rounds)`` (d = keep/total) as ``round(N·density)`` ("nearest") or, as the Synaptic-Flow
+    reference, ``N − int((1 − density)·N)`` ("reference"); exactly ``keep`` after the last round."""
+    if rule not in ROUND_RULES:
+        raise ConfigError(f"round_rule must be one of {', '.join(ROUND_RULES)}, got {rule!r}")
+    if t >= rounds:
+        return keep
+    density = (keep / total) ** (t / rounds)
+    k = int(math.floor(total * density + 0.5)) if rule == "nearest" else total - int((1.0 - density) * total)
+    return max(k, keep)
+
+
+def reinit_linear(handle: ModelHandle, seed: int) -> None:
+    """Redraw every linear layer's weight, Xavier normal (std = sqrt(2 / (fan_in + fan_out))), from
+    ``numpy.random.default_rng(seed)``: the GraSP release's re-initialisation before scoring."""
+    rng = np.random.default_rng(seed)
+    for layer in handle.layers:
+        if layer.kind != "linear":
+            continue
+        fan_out, fan_in = int(layer.weight_shape[0]), int(np.prod(layer.weight_shape[1:]))
+        w = rng.normal(0.0, math.sqrt(2.0 / (fan_in + fan_out)), size=tuple(layer.weight_shape)).astype(np.float32)
+        handle.set_weight(layer.name, handle.ops.asarray(w, like=handle.weight(layer.name)))
 
 
 def _weight_params(handle: ModelHandle, layers: Sequence[str]) -> Dict[str, Tensor]:
@@ -124,12 +157,14 @@ def _check_batches(batches) -> List[Batch]:
     return batches
 
 
-def snip_scores(handle: ModelHandle, layers: Sequence[str], batches: Iterable[Batch]) -> Dict[str, Tensor]:
-    """SNIP: ``|θ ⊙ g|`` with ``g`` the mean cross-entropy gradient over ``batches`` (train mode)."""
+def snip_scores(handle: ModelHandle, layers: Sequence[str], batches: Iterable[Batch],
+                train: bool = True) -> Dict[str, Tensor]:
+    """SNIP: ``|θ ⊙ g|`` with ``g`` the mean cross-entropy gradient over ``batches`` (BN in train
+    mode, or eval mode with ``train=False``)."""
     batches = _check_batches(batches)
     ops = handle.ops
     with _Restore(handle):
-        handle.set_training(True)
+        handle.set_training(train)
         g = _mean_gradient(handle, layers, batches)
         return {n: ops.abs(handle.weight(n) * g[n]) for n in layers}
 
@@ -156,13 +191,17 @@ def hessian_gradient_product(handle: ModelHandle, layers: Sequence[str], batches
 
 
 def grasp_scores(handle: ModelHandle, layers: Sequence[str], batches: Iterable[Batch],
-                 temperature: float = GRASP_TEMPERATURE) -> Dict[str, Tensor]:
-    """GraSP: ``θ ⊙ (H g)`` (train mode, logits / temperature); the lowest scores are pruned."""
+                 temperature: float = GRASP_TEMPERATURE, train: bool = True,
+                 reinit_linear_seed: int | None = None) -> Dict[str, Tensor]:
+    """GraSP: ``θ ⊙ (H g)`` (BN in train mode unless ``train=False``, logits / temperature; linear
+    layers redrawn first with ``reinit_linear_seed``); the lowest scores are pruned."""
     batches = _check_batches(batches)
     if not temperature > 0:
         raise ConfigError(f"temperature must be > 0, got {temperature!r}")
     with _Restore(handle):
-        handle.set_training(True)
+        if reinit_linear_seed is not None:
+            reinit_linear(handle, reinit_linear_seed)
+        handle.set_training(train)
         _, hg = hessian_gradient_product(handle, layers, batches, temperature)
         return {n: handle.weight(n) * hg[n] for n in layers}
 
@@ -217,12 +256,13 @@ def _synflow_round(handle: ModelHandle, layers: Sequence[str], params: Dict[str,
         exponent = nxt
 
 
-def synflow_masks(handle: ModelHandle, layers: Sequence[str], keep: int, rounds: int = 100
-                  ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
+def synflow_masks(handle: ModelHandle, layers: Sequence[str], keep: int, rounds: int = 100,
+                  round_rule: str = "nearest") -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
     """Iterative SynFlow: ``(scores of the last round, masks keeping ``keep`` weights)``.
 
     Round ``t`` (1..rounds) scores the currently masked |θ| and keeps
-    ``round(N · (keep/N)^(t/rounds))`` weights (the last round exactly ``keep``) with one global
+    ``round(N · (keep/N)^(t/rounds))`` weights (``round_rule``, :func:`round_keep`; the last round
+    exactly ``keep``) with one global
     threshold (:func:`~prunekit.decisions.selection.global_topk_masks`). The model is restored afterwards.
     """
     if int(rounds) < 1:
@@ -231,7 +271,6 @@ def synflow_masks(handle: ModelHandle, layers: Sequence[str], keep: int, rounds:
     total = sum(ops.size(handle.weight(n)) for n in layers)
     if not (0 < keep <= total):
         raise ConfigError(f"SynFlow must keep between 1 and {total} weights, got {keep}")
-    density = keep / total
     with _Restore(handle):
         state = handle.state_numpy()
         # |θ| for every parameter and statistic (BN statistics included, as the reference code)
@@ -250,8 +289,7 @@ def synflow_masks(handle: ModelHandle, layers: Sequence[str], keep: int, rounds:
             for n in layers:
                 handle.set_weight(n, dense[n] * masks[n])
             scores, exponent = _synflow_round(handle, layers, params, ones, exponent, homogeneous)
-            k = keep if t == int(rounds) else int(math.floor(total * density ** (t / int(rounds)) + 0.5))
-            masks = global_topk_masks(ops, scores, max(k, keep))
+            masks = global_topk_masks(ops, scores, round_keep(total, keep, t, int(rounds), round_rule))
         return scores, masks
 
 
@@ -265,24 +303,28 @@ def synflow_scores(handle: ModelHandle, layers: Sequence[str]) -> Dict[str, Tens
 
 def score_masks(handle: ModelHandle, method: str, layers: Sequence[str], keep: int,
                 batches: Iterable[Batch] | Callable[[], Iterable[Batch]] = (), rounds: int = 1,
-                temperature: float = GRASP_TEMPERATURE) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
+                temperature: float = GRASP_TEMPERATURE, train: bool = True, round_rule: str = "nearest",
+                reinit_linear_seed: int | None = None) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
     """Scores and global-threshold masks keeping ``keep`` weights, for any of :data:`SCORES`.
 
     SNIP and GraSP with ``rounds > 1`` iterate like SynFlow (masked weights rescored each round,
-    same exponential schedule); the default, one round, is the papers' one-shot method.
+    same exponential schedule and ``round_rule``); the default, one round, is the papers' one-shot
+    method. ``train``: BN mode of SNIP and GraSP (SynFlow always scores in eval mode);
+    ``reinit_linear_seed``: GraSP only (:func:`grasp_scores`).
     """
     method = str(method).lower()
     if method not in SCORES:
         raise ConfigError(f"unknown PAI score {method!r}; expected one of {', '.join(SCORES)}")
     if method == "synflow":
-        return synflow_masks(handle, layers, keep, rounds)
+        return synflow_masks(handle, layers, keep, rounds, round_rule)
     batches = _check_batches(batches() if callable(batches) else batches)
     ops = handle.ops
     total = sum(ops.size(handle.weight(n)) for n in layers)
     if not (0 < keep <= total):
         raise ConfigError(f"must keep between 1 and {total} weights, got {keep}")
-    density = keep / total
     with _Restore(handle):
+        if method == "grasp" and reinit_linear_seed is not None:  # before the masks of later rounds apply
+            reinit_linear(handle, reinit_linear_seed)
         dense = {n: handle.weight(n) * 1.0 for n in layers}
         masks = {n: ops.ones_like(dense[n]) for n in layers}
         scores = None
@@ -290,11 +332,10 @@ def score_masks(handle: ModelHandle, method: str, layers: Sequence[str], keep: i
             for n in layers:
                 handle.set_weight(n, dense[n] * masks[n])
             if method == "snip":
-                scores = snip_scores(handle, layers, batches)
+                scores = snip_scores(handle, layers, batches, train)
             else:
-                scores = grasp_scores(handle, layers, batches, temperature)
-            k = keep if t == int(rounds) else int(math.floor(total * density ** (t / int(rounds)) + 0.5))
-            masks = global_topk_masks(ops, scores, max(k, keep))
+                scores = grasp_scores(handle, layers, batches, temperature, train)
+            masks = global_topk_masks(ops, scores, round_keep(total, keep, t, int(rounds), round_rule))
         return scores, masks
 
 

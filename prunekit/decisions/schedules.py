@@ -2,7 +2,9 @@
 
 * ``cubic`` (Zhu & Gupta 2017): s_t = s_f + (s_i - s_f) (1 - (t - t0) / (n Δt))^3 for
   t in [t0, t0 + nΔt], updated every Δt steps; before t0 it is s_i, after the end s_f.
-* ``exponential`` (RPG's release): density at update u of U is D^(u / U), D = 1 - s_f.
+* ``exponential`` (RPG's release): density at update u of U is D^(u / U), D = 1 - s_f; with
+  ``lag`` = 1 it runs one update behind, D^((u - 1) / U) (the release's first update keeps
+  density 1), reaching D at the end step all the same.
 * ``oneshot``: s_f from step t0 on.
 
 A schedule answers two questions: is ``step`` an update step, and what sparsity holds there.
@@ -26,6 +28,7 @@ class SparsitySchedule:
     frequency: int = 100
     kind: str = "cubic"
     initial_sparsity: float = 0.0
+    lag: int = 0  # exponential: updates the density runs behind
 
     def __post_init__(self):
         if self.kind not in SCHEDULES:
@@ -34,6 +37,8 @@ class SparsitySchedule:
         self.initial_sparsity = check_sparsity(self.initial_sparsity, "initial sparsity")
         if self.frequency < 1:
             raise ConfigError(f"schedule frequency must be >= 1, got {self.frequency}")
+        if isinstance(self.lag, bool) or not isinstance(self.lag, int) or self.lag < 0:
+            raise ConfigError(f"schedule lag must be a non-negative integer, got {self.lag!r}")
         if self.begin_step < 0 or self.end_step < self.begin_step:
             raise ConfigError(f"schedule needs 0 <= begin_step <= end_step, got {self.begin_step}, {self.end_step}")
 
@@ -57,7 +62,7 @@ class SparsitySchedule:
             return s_f + (s_i - s_f) * (1.0 - frac) ** 3
         # exponential in density, over update indices u = 0..U
         n_updates = max(1, math.ceil((self.end_step - self.begin_step) / self.frequency))
-        u = (step - self.begin_step) // self.frequency
+        u = max(0, (step - self.begin_step) // self.frequency - self.lag)
         density = (1.0 - self.final_sparsity) ** (min(u, n_updates) / n_updates)
         return 1.0 - density
 

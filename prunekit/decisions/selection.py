@@ -124,12 +124,14 @@ def value_rank(singular_values, threshold: float) -> int:
     return int(np.count_nonzero(s >= threshold))
 
 
-def residual_rank(singular_values, partial_k: float, total_energy: float | None = None) -> int:
+def residual_rank(singular_values, partial_k: float, total_energy: float | None = None,
+                  max_rank: int | None = None) -> int:
     """RPG's k: the rank whose residual energy sum_{i>k} s_i^2, as a fraction of the total,
     is closest to ``partial_k``; ties (within ``RANK_TOLERANCE``) go to the larger k.
 
     ``total_energy`` (‖M‖_F²) allows a partial spectrum: only k up to the number of known
-    values are candidates then.
+    values are candidates then. ``max_rank`` caps the candidates (RPG's release: min(m, n) - 1,
+    so the term never vanishes).
     """
     s = np.asarray(singular_values, dtype=np.float64).reshape(-1)
     e = s * s
@@ -142,6 +144,9 @@ def residual_rank(singular_values, partial_k: float, total_energy: float | None 
     residual = np.maximum(residual, 0.0)
     dist = np.abs(residual - partial_k)
     best = dist.min()
+    if max_rank is not None:
+        dist = dist[:max(0, int(max_rank)) + 1]
+        best = dist.min()
     candidates = np.nonzero(dist <= best + RANK_TOLERANCE)[0]
     return int(candidates.max())
 

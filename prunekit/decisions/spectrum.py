@@ -19,6 +19,10 @@ methods that compute the *same quantities* to within a stated tolerance:
     (callers reset when the weights jump, e.g. at a mask update). Matmuls and a thin QR only:
     the method of choice on GPUs, where eigh/SVD kernels are slow.
 
+The ``nd`` scheme (network decoupling, TRP's release ``--type ND``) takes the spectrum of every
+*filter* instead: W[o] as a (C_in, kh·kw) matrix; :func:`nd_projection` is its TRP step and
+:func:`nd_factors` its decomposition into parallel pointwise + depthwise paths.
+
 All methods return, per layer, the leading left singular vectors ``U`` (m × q), the leading
 singular values ``S`` (q) and the total energy ‖M‖_F² — enough to choose ranks by energy
 (``energy_rank``) or residual energy (``residual_rank``) and to project onto the subspace:
@@ -27,14 +31,14 @@ the best rank-k approximation is U_k U_kᵀ M (Eckart–Young).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 
 from prunekit.contract.ops import Ops, Tensor
 from prunekit.errors import ConfigError
 
-SCHEMES = ("channel", "spatial")
+SCHEMES = ("channel", "spatial", "nd")
 METHODS = ("auto", "exact", "gram", "subspace", "tracked")  # auto, tracked: prunekit.decisions.spectrum_tracking
 
 
@@ -43,6 +47,7 @@ def matrix_view(ops: Ops, w: Tensor, scheme: str = "channel") -> Tensor:
 
     ``channel`` (TRP's NC, RPG's view): (C_out, C_in·kh·kw).
     ``spatial`` (TRP's VH): W permuted to (C_in, kh, C_out, kw) → (C_in·kh, C_out·kw).
+    (``nd`` has one matrix per filter: :func:`nd_view`.)
     """
     shape = ops.shape(w)
     if scheme == "channel" or len(shape) == 2:
@@ -268,3 +273,103 @@ def from_rank_ops(algorithm, x, layer: str) -> Tensor:
     if algorithm.rank_ops is algorithm.ops:
         return x
     return algorithm.ops.asarray(np.asarray(x, dtype=np.float32), like=algorithm.handle.weight(layer))
+
+
+# ------------------------------------------------------------------------------ network decoupling
+def nd_view(ops: Ops, w: Tensor) -> Tensor:
+    """The ``nd`` scheme's matrices of a conv weight (C_out, C_in, kh, kw): one (C_in, kh·kw)
+    matrix per filter, stacked as (C_out, C_in, kh·kw)."""
+    co, ci, kh, kw = ops.shape(w)
+    return ops.reshape(w, (co, ci, kh * kw))
+
+
+def filter_spectra(ops: Ops, stack: Tensor) -> SpectrumGroup:
+    """Exact spectra of a stack of per-filter matrices (B, C_in, kh·kw) from the Gram matrix of
+    the smaller side (at most kh·kw: 9×9 for a 3×3 conv), names the filter positions."""
+    b, m, n = ops.shape(stack)
+    transposed = m > n
+    work = ops.swap_last(stack) if transposed else stack
+    w, v = ops.eigh(ops.matmul(work, ops.swap_last(work)))  # ascending
+    s = ops.sqrt(ops.clip(ops.flip(w, 1), 0.0, None))
+    energy = ops.sum(stack * stack, axis=(1, 2))
+    return SpectrumGroup(tuple(range(b)), stack, ops.flip(v, 2), ops.to_numpy(s).astype(np.float64),
+                         ops.to_numpy(energy).astype(np.float64), True, "right" if transposed else "left")
+
+
+def nd_layer_rank(filter_ranks: Sequence[int], shape: Sequence[int]) -> int:
+    """The rank of an ND decomposition: the largest per-filter rank, at most min(C_in, kh·kw)
+    (the release's ``min(max(valid_idx), min(C_in, kh·kw))``); every filter gets that many paths."""
+    _, ci, kh, kw = shape
+    return int(min(max(list(filter_ranks) + [0]), ci, kh * kw))
+
+
+@dataclass
+class NDStep:
+    """One TRP step of the ``nd`` scheme on a set of layers (tensors in the ops given)."""
+
+    projected: Dict[str, Tensor]   # layer -> weight with every filter truncated to its own rank
+    terms: Dict[str, Tensor]       # layer -> λ·U_r V_rᵀ per filter (the nuclear-norm sub-gradient)
+    ranks: Dict[str, int]          # layer -> nd_layer_rank of the per-filter ranks
+    filter_ranks: Dict[str, np.ndarray]
+
+
+def nd_projection(ops: Ops, weights: Dict[str, Tensor], rank_rule: Callable[[np.ndarray, float], int],
+                  lam: float) -> NDStep:
+    """The TRP step on the ND view (as the release's ``low_rank_approx`` with ``--type ND``): per
+    filter, r = ``rank_rule(σ, ‖W[o]‖²)``; W[o] ← its rank-r truncation, and the term
+    λ·U_r V_rᵀ for the gradient. Same-shape layers are handled as one stack."""
+    by_shape: Dict[Tuple[int, ...], List[str]] = {}
+    for name, w in weights.items():
+        by_shape.setdefault(tuple(ops.shape(w)), []).append(name)
+    out = NDStep({}, {}, {}, {})
+    for shape, names in by_shape.items():
+        co, ci, kh, kw = shape
+        stack = ops.reshape(ops.stack([weights[n] for n in names], axis=0), (len(names) * co, ci, kh * kw))
+        g = filter_spectra(ops, stack)
+        q = g.s.shape[1]
+        ranks = np.array([rank_rule(s, e) for s, e in zip(g.s, g.total_energy)], dtype=np.int64)
+        keep = (np.arange(q)[None, :] < ranks[:, None]).astype(np.float64)
+        inv_s = keep / np.maximum(g.s, 1e-30)
+        truncated = ops.unstack(ops.reshape(g.weighted_projection(ops, stack, keep), (len(names),) + shape))
+        terms = ops.unstack(ops.reshape(g.weighted_projection(ops, stack, inv_s) * lam, (len(names),) + shape)) \
+            if lam > 0 else [None] * len(names)
+        for i, name in enumerate(names):
+            r = ranks[i * co:(i + 1) * co]
+            out.filter_ranks[name] = r
+            out.ranks[name] = nd_layer_rank(r, shape)
+            if np.any(r < q):  # some filter is truncated (a full-rank one comes back as itself)
+                out.projected[name] = truncated[i]
+            if lam > 0 and np.any(r > 0):
+                out.terms[name] = terms[i]
+    return out
+
+
+def nd_factors(weight: np.ndarray, choose: Callable[[np.ndarray], int], rank: int | None = None):
+    """The ND decomposition of a conv weight (C_out, C_in, kh, kw), in float64: per filter
+    W[o] = Σ_j σ_oj u_oj v_ojᵀ (u over input channels, v over the kernel window), truncated to K
+    terms, K = ``rank`` or :func:`nd_layer_rank` of ``choose(σ_o)`` per filter.
+
+    Path j of the release's decoupled layer is a pointwise conv (C_in → C_out, weights
+    √σ_oj u_oj) followed by a depthwise conv (weights √σ_oj v_oj), the paths summed. Returned
+    fused, as two convs computing exactly that sum: ``pointwise`` (K·C_out, C_in), row o·K + j
+    path j of filter o, and ``grouped`` (C_out, K, kh, kw), a conv with C_out groups of K
+    channels (group o sums filter o's K paths). Returns (K, pointwise, grouped)."""
+    w = np.asarray(weight, dtype=np.float64)
+    co, ci, kh, kw = w.shape
+    u, s, vh = np.linalg.svd(w.reshape(co, ci, kh * kw), full_matrices=False)  # (co, ci, q), (co, q), (co, q, k)
+    q = s.shape[1]
+    k = int(min(max(1, int(rank)), q)) if rank is not None else max(1, nd_layer_rank([choose(x) for x in s], w.shape))
+    root = np.sqrt(s[:, :k])                                                # (co, k)
+    pointwise = (u[:, :, :k] * root[:, None, :]).transpose(0, 2, 1).reshape(co * k, ci)
+    grouped = (vh[:, :k, :] * root[:, :, None]).reshape(co, k, kh, kw)
+    return k, pointwise, grouped
+
+
+def nd_truncate(weight: np.ndarray, rank: int) -> np.ndarray:
+    """Every filter of a conv weight truncated to ``rank`` terms (float64): the conv an ND
+    decomposition of that rank computes."""
+    w = np.asarray(weight, dtype=np.float64)
+    co, ci, kh, kw = w.shape
+    u, s, vh = np.linalg.svd(w.reshape(co, ci, kh * kw), full_matrices=False)
+    k = min(int(rank), s.shape[1])
+    return np.einsum("oik,ok,okx->oix", u[:, :, :k], s[:, :k], vh[:, :k, :]).reshape(w.shape)

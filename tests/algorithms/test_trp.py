@@ -358,6 +358,6 @@ def test_bad_config():
         decomposition_factors(w, None, (1, 1), (1, 1), scheme="diagonal")
     from prunekit.backends.torch import model_handle
     with pytest.raises(ConfigError):
-        plan_decompositions(model_handle("resnet20"), scheme="nd")
+        plan_decompositions(model_handle("resnet20"), scheme="nc")  # "nd" is a scheme now (test_trp_nd.py)
     c = TRPConfig()
     assert (c.energy, c.lam, c.every, c.scheme, c.threshold) == (0.9, 3e-4, 1, "channel", 0.05)

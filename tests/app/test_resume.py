@@ -29,7 +29,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # checkpoints after steps 3, 6, 8 (end of the dense phase, evaluated), 9, 12, ..., 24
 TINY = ["--model", "mnist_cnn", "--dataset", "mnist", "--train-limit", "256", "--test-limit", "64",
         "--batch-size", "32", "--dense-epochs", "1", "--prune-epochs", "2", "--sparsity", "0.8",
-        "--checkpoint-every", "3", "--deterministic", "--no-progress"]
+        "--checkpoint-every", "3", "--deterministic", "--no-progress",
+        # masks move every step over 0.6 of the phase (the algorithms' own frequency 100 would move them once)
+        "--frequency", "1", "--end-fraction", "0.6"]
 
 
 def _prunekit(args, out, resume=False, kill_when=None, timeout=300):

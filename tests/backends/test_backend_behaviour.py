@@ -268,9 +268,11 @@ class TestOps:
 
 # ====================================================================== models and discovery
 #: (conv, linear) counts from the architectures: ResNet-(6n+2) has 6n+1 convs; VGG-16/19 have 13/16;
-#: MobileNetV2: stem + 17 blocks x 3 + 4 projection shortcuts + final 1x1 = 57; MNIST CNN 2 + 2.
+#: MobileNetV2: stem + 17 blocks x 3 + 4 projection shortcuts + final 1x1 = 57; MNIST CNN 2 + 2;
+#: the projection-shortcut ResNets ("b") add the two 1x1 shortcut convs of stages 2 and 3.
 EXPECTED_COUNTS = {"resnet20": (19, 1), "resnet32": (31, 1), "resnet56": (55, 1), "vgg16": (13, 1), "vgg19": (16, 1),
-                   "mobilenetv2": (57, 1), "mnist_cnn": (2, 2)}
+                   "mobilenetv2": (57, 1), "mnist_cnn": (2, 2),
+                   "resnet20b": (21, 1), "resnet32b": (33, 1), "resnet56b": (57, 1)}
 
 
 class TestModels:
