@@ -38,6 +38,35 @@ def _select(t: torch.Tensor, idx, dim: int) -> torch.Tensor:
     return t if idx is None else t.index_select(dim, torch.as_tensor(np.asarray(idx, np.int64), device=t.device))
 
 
+def _like(old: nn.Module, **params: torch.Tensor) -> nn.Module:
+    """A copy of ``old`` (its class, attributes and submodules: a timm ``BatchNormAct2d`` keeps its
+    activation, a ``Conv2dSame`` its padding) holding the given parameters and buffers."""
+    saved = {k: old._parameters.get(k, None) for k in params if k in old._parameters}
+    saved_buffers = {k: old._buffers.get(k, None) for k in params if k in old._buffers}
+    try:  # do not deep-copy the tensors about to be replaced
+        for k in saved:
+            old._parameters[k] = None
+        for k in saved_buffers:
+            old._buffers[k] = None
+        new = copy.deepcopy(old)
+    finally:
+        old._parameters.update(saved)
+        old._buffers.update(saved_buffers)
+    for k, v in params.items():
+        if k in saved and saved[k] is not None:
+            new._parameters[k] = nn.Parameter(v.clone(), requires_grad=saved[k].requires_grad)
+        elif k in saved_buffers and saved_buffers[k] is not None:
+            new._buffers[k] = v.clone()
+    return new
+
+
+def _memory_format(new: nn.Module, old: nn.Module) -> nn.Module:
+    w = old.weight
+    if w.dim() == 4 and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last):
+        new.weight.data = new.weight.data.contiguous(memory_format=torch.channels_last)
+    return new
+
+
 def _narrow_conv(m: nn.Conv2d, cut: LayerCut) -> nn.Conv2d:
     if cut.depthwise:
         w = _select(m.weight, cut.out_idx, 0)
@@ -49,45 +78,35 @@ def _narrow_conv(m: nn.Conv2d, cut: LayerCut) -> nn.Conv2d:
     else:
         w = _select(_select(m.weight, cut.out_idx, 0), cut.in_idx, 1)
         groups, n_in = 1, w.shape[1]
-    new = nn.Conv2d(n_in, w.shape[0], m.kernel_size, m.stride, m.padding, m.dilation, groups,
-                    m.bias is not None, m.padding_mode, device=w.device, dtype=w.dtype)
-    return _fill(new, m, w, cut.out_idx)
+    params = {"weight": w}
+    if m.bias is not None:
+        params["bias"] = _select(m.bias, cut.out_idx, 0)
+    new = _like(m, **params)
+    new.in_channels, new.out_channels, new.groups = int(n_in), int(w.shape[0]), int(groups)
+    return _memory_format(new, m)
 
 
 def _narrow_linear(m: nn.Linear, cut: LayerCut) -> nn.Linear:
     w = _select(_select(m.weight, cut.out_idx, 0), cut.in_idx, 1)
-    return _fill(nn.Linear(w.shape[1], w.shape[0], m.bias is not None, device=w.device, dtype=w.dtype), m, w,
-                 cut.out_idx)
-
-
-def _fill(new: nn.Module, old: nn.Module, weight: torch.Tensor, out_idx) -> nn.Module:
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if old.bias is not None:
-            new.bias.copy_(_select(old.bias, out_idx, 0))
-    if old.weight.dim() == 4 and not old.weight.is_contiguous() \
-            and old.weight.is_contiguous(memory_format=torch.channels_last):
-        new = new.to(memory_format=torch.channels_last)
+    params = {"weight": w}
+    if m.bias is not None:
+        params["bias"] = _select(m.bias, cut.out_idx, 0)
+    new = _like(m, **params)
+    new.in_features, new.out_features = int(w.shape[1]), int(w.shape[0])
     return new
 
 
 def _narrow_norm(m, idx, name: str):
-    ref = m.weight if m.weight is not None else getattr(m, "running_mean", None)
-    kw = dict(device=ref.device if ref is not None else None, dtype=ref.dtype if ref is not None else None)
-    if isinstance(m, nn.GroupNorm):
-        block = m.num_channels // m.num_groups
-        new = nn.GroupNorm(len(idx) // block, len(idx), m.eps, m.affine, **kw)
-    elif isinstance(m, nn.LayerNorm):
+    if isinstance(m, nn.LayerNorm):
         raise ModelError(f"{type(m).__name__} {name!r} normalises over all its channels and cannot be narrowed")
+    params = {leaf: _select(getattr(m, leaf), idx, 0) for leaf in ("weight", "bias", "running_mean", "running_var")
+              if getattr(m, leaf, None) is not None}
+    new = _like(m, **params)
+    if isinstance(m, nn.GroupNorm):
+        new.num_groups = len(idx) // (m.num_channels // m.num_groups)
+        new.num_channels = len(idx)
     else:
-        new = type(m)(len(idx), m.eps, m.momentum, m.affine, m.track_running_stats, **kw)
-    with torch.no_grad():
-        for leaf in ("weight", "bias", "running_mean", "running_var"):
-            old = getattr(m, leaf, None)
-            if old is not None:
-                getattr(new, leaf).copy_(_select(old, idx, 0))
-        if getattr(m, "num_batches_tracked", None) is not None:
-            new.num_batches_tracked.copy_(m.num_batches_tracked)
+        new.num_features = len(idx)
     return new
 
 
