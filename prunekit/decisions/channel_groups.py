@@ -440,8 +440,8 @@ def find_channel_groups(handle) -> List[ChannelGroup]:
         if s2.startswith("in:") and not s1.startswith("in:"):
             into.setdefault(s2, []).append((o2, n))
     for dst, spans in into.items():
-        partial = any((o, n) != (0, size[dst]) for o, n in spans)
-        if partial and sum(n for _, n in spans) > size[dst]:
+        ranges = sorted(set(spans))  # several producers may feed one range (an addition, a product)
+        if any(a + n > b for (a, n), (b, _) in zip(ranges[:-1], ranges[1:])):  # overlapping, not equal
             fixed.setdefault(dst, f"{dst[3:]!r} adds channels at an offset (a zero-padded shortcut): "
                                   "their numbers are fixed")
             for s1, o1, s2, o2, n in [lk for lk in links if lk[2] == dst and (lk[3], lk[4]) != (0, size[dst])]:
