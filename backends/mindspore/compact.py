@@ -98,7 +98,8 @@ def _set(model: nn.Cell, cells: Dict[str, nn.Cell], path: str, cell: nn.Cell) ->
     parent_path, _, attr = path.rpartition(".")
     parent = cells[parent_path] if parent_path else model
     if isinstance(parent, (nn.SequentialCell, nn.CellList)):
-        parent[int(attr)] = cell
+        # cells of a SequentialCell built from an OrderedDict have names, not numbers
+        parent[int(attr) if attr.isdigit() else list(parent._cells).index(attr)] = cell
     else:
         setattr(parent, attr, cell)
 
