@@ -1,32 +1,37 @@
-"""Channel dependency groups, found from the model itself (issue #4).
+"""Channel dependency groups, found from the model itself (issues #4 and #11).
 
 A *channel group* is a set of channels that must be pruned together: the output channels of
-every conv/linear layer whose outputs meet (a residual addition), the BatchNorms over them, the
-depthwise convs that carry them through, and the input channels of every layer that reads them.
+every conv/linear layer whose outputs meet (a residual addition, a squeeze-excite gate), the
+norm layers over them, the depthwise convs that carry them through, and the input channels of
+every layer that reads them (at an offset where it reads a concatenation).
 :func:`find_channel_groups` finds them from the model, not from a table of layer names, with one
 implementation for every backend; a backend only provides the probe below (its framework-free
-part is :func:`run_probe`).
+part is :func:`run_probe`) and lists its norm layers (:class:`NormLayer`).
 
 The probe (one eval-mode forward per chunk of rows, the backend's ``probe_channels``):
 
-* every conv/linear layer's output is replaced by zeros, so no signal crosses a layer that mixes
-  channels; every BatchNorm is replaced by the identity (it is per-channel by definition, and its
-  scale could be zero or negative and hide the signal);
+* every conv/linear layer's output is replaced by the constant :data:`PROBE_BASE` (1.0), so no
+  signal crosses a layer that mixes channels, while a product of two tensors (a gate) passes a
+  change in either; every norm layer is replaced by the identity (BatchNorm is per-channel by
+  definition and its scale could be zero or negative and hide the signal; GroupNorm and
+  LayerNorm are ruled on separately);
 * for a producer ``P`` with ``C`` output channels, row ``2b+1`` adds 1.0 to the channels whose
   index has bit ``b`` set and row ``2b+2`` to those whose bit ``b`` is clear (``ceil(log2 C)``
   bit pairs); row 0 of each forward is left unperturbed (the reference);
-* the input of every conv/linear/BatchNorm (and the model's output) is recorded: a channel (or,
+* the input of every conv/linear/norm (and the model's output) is recorded: a channel (or,
   after a flatten, a feature) *changed* in a row when it differs from row 0 anywhere.
 
 A consumer column that changed in exactly one row of every bit pair is fed one-to-one by the
 producer channel whose index the pattern spells. A consumer fed by ``P`` so that column ``c``
 reads channel ``c`` (or a linear layer whose columns come in blocks of ``s`` per channel, a
-flatten) shares ``P``'s channel space; anything else (an offset, a permutation, a partial or
-mixed feed: zero-padding shortcuts, concatenations, channel shuffles) *couples* the two spaces
-without making them one, and both become not prunable. A depthwise conv's input and output are
-one space; a grouped conv's (not depthwise) input and output spaces are not prunable. Spaces
-joined by a union-find form the groups; a group reaching the model's output (logits) or fed by
-the image is not prunable.
+flatten) shares ``P``'s channel space; one run of consecutive columns fed by consecutive
+channels joins those ranges (a concatenation, a split); anything else (a permutation, a repeated
+or mixed feed, ranges overlapping unequally as in a zero-padded shortcut) marks both spaces not
+prunable. A depthwise conv's input and output are one space; a grouped conv's input and output
+groups are ``balanced`` (as many kept per conv group), a GroupNorm's ``whole`` (whole norm groups
+kept or dropped). Ranges joined by a union-find form the groups; a group reaching the model's
+output (logits), fed by the image, or normalised across all its channels (LayerNorm) is not
+prunable, and says why in ``reason``. Channels-last and token layouts raise :class:`ModelError`.
 """
 from __future__ import annotations
 
