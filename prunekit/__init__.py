@@ -9,5 +9,14 @@ from prunekit.decisions.plan import PruningPlan
 
 __version__ = "0.1.0"
 
-__all__ = ["PruningPlan", "PrunekitError", "ConfigError", "ModelError", "PlanError", "DataError",
+
+def __getattr__(name):
+    # the one-shot path sits in the app layer; imported on first use so ``import prunekit`` stays light
+    if name == "prune_channels":
+        from prunekit.app.oneshot import prune_channels
+        return prune_channels
+    raise AttributeError(f"module 'prunekit' has no attribute {name!r}")
+
+
+__all__ = ["prune_channels", "PruningPlan", "PrunekitError", "ConfigError", "ModelError", "PlanError", "DataError",
            "BackendUnavailable", "__version__"]

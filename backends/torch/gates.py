@@ -18,6 +18,15 @@ import torch.nn.functional as F
 from prunekit.errors import ModelError
 
 
+def _channels(module, default: int) -> int:
+    """A norm layer's channel count (BatchNorm, GroupNorm, LayerNorm over channels)."""
+    for attr in ("num_features", "num_channels"):
+        if hasattr(module, attr):
+            return int(getattr(module, attr))
+    shape = getattr(module, "normalized_shape", None)
+    return int(shape[-1]) if shape else default
+
+
 class ChannelGates:
     """``groups``: ``{group name: (BN module names, channels)}``."""
 
@@ -35,8 +44,10 @@ class ChannelGates:
                 module = modules.get(bn)
                 if module is None:
                     raise ModelError(f"channel group {name!r} names BatchNorm {bn!r}, which the model does not have")
-                if getattr(module, "num_features", size) != size:
-                    raise ModelError(f"BatchNorm {bn!r} has {module.num_features} channels, group {name!r} {size}")
+                channels = _channels(module, size)
+                if channels != size:
+                    raise ModelError(f"norm {bn!r} has {channels} channels, group {name!r} {size} (a norm over a "
+                                     "concatenation holds several groups; gates need one group per norm)")
                 self._hooks.append(module.register_forward_hook(self._hook(name)))
 
     def _hook(self, name: str):

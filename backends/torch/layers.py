@@ -1,7 +1,12 @@
 """Prunable-layer discovery and the :class:`~prunekit.contract.handle.ModelHandle` for PyTorch models.
 
 Any ``nn.Conv2d`` (grouped and depthwise included) or ``nn.Linear`` is prunable. Spatial sizes
-for FLOPs come from one probe forward pass with hooks, in eval mode, on the model's device.
+for FLOPs come from one probe forward pass with hooks, in eval mode, on the model's device and
+in its floating dtype (float16 and bfloat16 models included).
+
+A model wrapped by ``torch.compile`` is handled through the module it wraps (``_orig_mod``): names
+carry no ``_orig_mod.`` prefix, so plans and states move between the compiled model and its
+original, and the compiled module (``handle.compiled``) shares the same parameters.
 """
 from __future__ import annotations
 
@@ -21,6 +26,22 @@ from .ops import TorchOps
 
 PRUNABLE = (nn.Conv2d, nn.Linear)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+#: norm layers channel groups slice with their channels (LayerNorm and GroupNorm only where exact)
+NORMS = _BN + (nn.GroupNorm, nn.LayerNorm)
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating parameter (float32 when it has none)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper holds (``_orig_mod``), or ``model`` itself."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
 
 
 def _hw(t: torch.Tensor):
@@ -59,7 +80,7 @@ def discover_layers(model: nn.Module, input_shape: Sequence[int]) -> List[LayerI
     try:
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
-        probe_forward(model, torch.zeros((1,) + tuple(input_shape[-3:]), device=device))
+        probe_forward(model, torch.zeros((1,) + tuple(input_shape[-3:]), device=device, dtype=model_dtype(model)))
     finally:
         for h in hooks:
             h.remove()
@@ -83,6 +104,9 @@ class TorchModelHandle(ModelHandle):
     backend = "torch"
 
     def __init__(self, model: nn.Module, input_shape: Sequence[int], model_name: str = "model"):
+        #: the model the user passed (a compiled wrapper stays usable for their own forward passes)
+        self.compiled = model
+        model = unwrap_compiled(model)
         self.model = model
         self.ops = TorchOps()
         self.model_name = model_name
@@ -110,7 +134,8 @@ class TorchModelHandle(ModelHandle):
         try:
             device = next(self.model.parameters()).device
             with torch.no_grad():
-                return self.model(torch.as_tensor(np.asarray(x, np.float32), device=device)).float().cpu().numpy()
+                xb = torch.as_tensor(np.asarray(x, np.float32), device=device).to(model_dtype(self.model))
+                return self.model(xb).float().cpu().numpy()
         finally:
             self.model.train(was_training)
 
@@ -127,8 +152,8 @@ class TorchModelHandle(ModelHandle):
 
     # whole-model state under the shared names (num_batches_tracked is torch-only and skipped)
     def state_numpy(self):
-        return {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()
-                if not k.endswith("num_batches_tracked")}
+        return {k: (v.detach().float() if v.dtype == torch.bfloat16 else v.detach()).cpu().numpy().copy()
+                for k, v in self.model.state_dict().items() if not k.endswith("num_batches_tracked")}
 
     def state_shapes(self):
         bn_names = {n for n, m in self.model.named_modules() if isinstance(m, _BN)}

@@ -156,7 +156,32 @@ class SessionBase:
         self.algorithm.masks_changed = False
 
     def state_dict(self) -> dict:
+        """The step counter and the algorithm's state (NumPy), for checkpoints; :meth:`load_state_dict`
+        restores it on a session over the same model, algorithm and config."""
         return {"step": self.step, "algorithm": self.algorithm.state_dict() if self.algorithm else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output: the step counter, then the algorithm's state
+        (its masks are applied to the weights and the optimizer's state at once, so the model
+        is masked as it was when saved). Checked before anything is changed."""
+        if not isinstance(state, dict) or "step" not in state or "algorithm" not in state:
+            raise ConfigError("session state must be a dict with 'step' and 'algorithm' (from state_dict()), "
+                              f"got {type(state).__name__} with keys {sorted(state) if isinstance(state, dict) else []}")
+        step = state["step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ConfigError(f"session state 'step' must be a non-negative int, got {step!r}")
+        saved = state["algorithm"]
+        if (saved is None) != (self.algorithm is None):
+            raise ConfigError("session state was saved " + ("without" if saved is None else "with")
+                              + " an algorithm, this session has " + ("one" if self.algorithm is not None else "none"))
+        if self.algorithm is not None:
+            self.algorithm.load_state_dict(saved)
+            self.algorithm.masks_changed = True
+            weights, masks = self._masked_weights()
+            if weights:
+                self._mask_weights(weights, masks)
+            self._sync_optimizer_state()
+        self.step = step
 
 
 class DataParallelSession(SessionBase):

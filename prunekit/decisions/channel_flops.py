@@ -36,8 +36,9 @@ class ChannelFlops:
 
     ``groups``: :class:`prunekit.decisions.channel_groups.ChannelGroup` objects (anything with ``name``,
     ``size``, ``producers``, ``consumers``, ``depthwise``, ``prunable``); ``layers``: the model's
-    :class:`LayerInfo` list. Every layer is found as a producer, consumer or depthwise member of
-    at most one group per role; layers in no group cost a constant.
+    :class:`LayerInfo` list. A layer may hold pieces of several groups in one role (a consumer of
+    a concatenation, a producer whose output is split; sizes of the pieces give their shares of
+    its cost); layers in no group cost a constant.
     """
 
     def __init__(self, groups: Sequence, layers: Sequence[LayerInfo]):
@@ -47,22 +48,25 @@ class ChannelFlops:
             raise ModelError(f"channel group names are not unique: {self.names}")
         self.sizes = np.array([int(g.size) for g in self.groups], dtype=np.int64)
         self.prunable = np.array([bool(g.prunable) for g in self.groups])
-        out_of: Dict[str, int] = {}
-        in_of: Dict[str, int] = {}
-        dw_of: Dict[str, int] = {}
+        # layer -> [(group index, channels)]: a layer reading a concatenation (or whose output is
+        # split) holds pieces of several groups; a piece of f of its channels scales its cost by f
+        out_of: Dict[str, list] = {}
+        in_of: Dict[str, list] = {}
+        dw_of: Dict[str, list] = {}
         for gi, g in enumerate(self.groups):
-            for role, table, members in (("producer", out_of, g.producers), ("consumer", in_of, g.consumers),
-                                         ("depthwise member", dw_of, g.depthwise)):
+            for table, members in ((out_of, g.producers), (in_of, g.consumers), (dw_of, g.depthwise)):
                 for layer in members:
-                    if layer in table:
-                        raise ModelError(f"layer {layer!r} is a {role} of two channel groups "
-                                         f"({self.names[table[layer]]!r} and {g.name!r})")
-                    table[layer] = gi
+                    table.setdefault(layer, []).append((gi, int(g.size)))
         known = {l.name for l in layers}
         for table in (out_of, in_of, dw_of):
             missing = sorted(set(table) - known)
             if missing:
                 raise ModelError(f"channel groups name layers the model does not have: {missing[:3]}")
+
+        def shares(pieces):
+            total = float(sum(n for _, n in pieces))
+            return [(gi, n / total) for gi, n in pieces]
+
         n = len(self.groups)
         self.A = np.zeros((n, n), dtype=np.float64)
         self.B = np.zeros(n, dtype=np.float64)
@@ -72,15 +76,17 @@ class ChannelFlops:
             cost = float(layer_macs(layer))
             self.dense += cost
             if layer.name in dw_of:
-                self.B[dw_of[layer.name]] += cost
+                for gi, f in shares(dw_of[layer.name]):
+                    self.B[gi] += cost * f
                 continue
-            o, i = out_of.get(layer.name), in_of.get(layer.name)
-            if o is not None and i is not None:
-                self.A[o, i] += cost
-            elif o is not None:
-                self.B[o] += cost
-            elif i is not None:
-                self.B[i] += cost
+            outs, ins = out_of.get(layer.name), in_of.get(layer.name)
+            if outs and ins:
+                for o, fo in shares(outs):
+                    for i, fi in shares(ins):
+                        self.A[o, i] += cost * fo * fi
+            elif outs or ins:
+                for gi, f in shares(outs or ins):
+                    self.B[gi] += cost * f
             else:
                 self.const += cost
 

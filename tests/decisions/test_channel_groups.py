@@ -107,7 +107,7 @@ def test_torchvision_mobilenet_v2():
     assert len(g) == 27 and not g["classifier.1"].prunable
 
 
-def test_channel_shuffle_is_coupled_and_grouped_conv_not_prunable():
+def test_channel_shuffle_is_coupled_and_grouped_conv_balanced():
     torch = pytest.importorskip("torch")
     nn = torch.nn
     from prunekit.backends.torch.layers import TorchModelHandle
@@ -131,8 +131,9 @@ def test_channel_shuffle_is_coupled_and_grouped_conv_not_prunable():
 
     g = _by_name(find_channel_groups(TorchModelHandle(Shuffle(), (3, 8, 8), "shuffle")))
     assert g["a"].prunable and g["a"].consumers == ("b",)
-    assert not g["b"].prunable  # read shuffled
-    assert not g["g"].prunable  # output of a grouped conv
+    assert not g["b"].prunable and "permutes" in g["b"].reason  # read shuffled
+    # a grouped conv's output: prunable, the same number of channels from each of its 2 groups
+    assert g["g"].prunable and g["g"].balanced == 2 and g["g"].reason == ""
     assert g["c"].prunable and g["c"].consumers == ("fc",)
 
 
