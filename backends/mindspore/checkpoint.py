@@ -22,7 +22,9 @@ from .layers import write_
 
 
 def make_deterministic(threads: int = 1) -> None:
-    ms.set_deterministic(True)
+    # MindSpore refuses a second set_deterministic in a process (a second run in the same process)
+    if ms.get_context("deterministic") != "ON":
+        ms.set_deterministic(True)
     try:
         from mindspore.device_context.cpu.op_tuning import threads_num
         threads_num(int(threads))
