@@ -115,8 +115,10 @@ def test_a_factory_network_under_msrun_prunes(folder, tmp_path):
            "--input-size", "16", "--dense-epochs", "0", "--prune-epochs", "1", "--batch-size", "4",
            "--sparsity", "0.5", "--frequency", "1", "--latency-batch", "0", "--no-progress", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    logs = "".join(p.read_text(errors="replace")[-2000:] for p in sorted((tmp_path / "logs").glob("*.log")))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + logs
+    logs = {p.name: p.read_text(errors="replace") for p in sorted((tmp_path / "logs").glob("*.log"))}
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + "".join(t[-2000:] for t in logs.values())
+    # rank 0 alone printed the job (each worker writes its own log)
+    assert [logs.get(f"worker_{r}.log", "").count("prunable layers") for r in (0, 1)] == [1, 0]
     report = json.loads((out / "report.json").read_text())
     assert report["run"]["steps"] == 3  # 12 images, global batch 4: the two workers split each batch
     assert abs(_prunable_sparsity(out) - 0.5) < 0.02
