@@ -2,7 +2,8 @@
 a recipe with ``model_args`` (pruned, exported to ONNX, its weights checked, not its report), a
 run stopped after a checkpoint and resumed to the uninterrupted result, ``--weights`` that do not
 fit refused before training writes anything, a ``package.module:function`` MindSpore network on
-the MindSpore backend exported to MindIR, and a run under torchrun."""
+the MindSpore backend exported to MindIR, and a run under torchrun. The MindSpore counterparts
+(a mindcv model end to end, resume, msrun) are in ``test_own_model_mindspore.py``."""
 import json
 import os
 import socket
