@@ -27,7 +27,7 @@ VENV_BIN = os.path.dirname(sys.executable)
 #: 12 training images, batch 4: 3 steps an epoch
 COMMON = dict(backend="mindspore", batch_size=4, sparsity=0.5, frequency=1, input_size=16, latency_batch=0,
               progress=False)
-#: 1 dense + 1 pruning epoch = 6 steps, a checkpoint after each
+#: 1 dense + 1 pruning epoch = 6 steps, a checkpoint after every step
 RESUMED = dict(model="own_models:tiny_mindspore", model_args={"width": 6}, dense_epochs=1, prune_epochs=1,
                checkpoint_every=1, deterministic=True, **COMMON)
 STOP_AT = 4  # a step of the pruning phase: the checkpoint holds masks as well as weights
