@@ -89,10 +89,12 @@ class ChannelGates:
 
     def gradients(self, x: np.ndarray, y: np.ndarray) -> Tuple[float, Dict[str, np.ndarray]]:
         """Cross-entropy on one batch in training mode; ``(loss, ∂L/∂gate per group)``. Only the
-        gates get gradients; BN running statistics update as in any training forward pass."""
+        gates get gradients; BN running statistics update as in any training forward pass; the
+        model is left in the mode it was in."""
         xb = ms.Tensor(np.ascontiguousarray(x, dtype=np.float32))
         yb = ms.Tensor(np.ascontiguousarray(y).astype(np.int32))
-        if not self.model.training:
+        was_training = self.model.training
+        if not was_training:
             self.model.set_train(True)
         try:
             loss, grads = self._grad(xb, yb)
@@ -102,6 +104,9 @@ class ChannelGates:
             log.warning("mindspore.jit failed on the gate-gradient pass (%s); running PyNative", e)
             self._grad = self._eager
             loss, grads = self._grad(xb, yb)
+        finally:
+            if not was_training:  # the caller's mode, as it was
+                self.model.set_train(False)
         return float(loss.asnumpy()), self.layout.split({n: g.asnumpy() for n, g in zip(self._names, grads)})
 
     def remove(self) -> None:

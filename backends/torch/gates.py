@@ -70,12 +70,14 @@ class ChannelGates:
 
     def gradients(self, x: np.ndarray, y: np.ndarray) -> Tuple[float, Dict[str, np.ndarray]]:
         """Cross-entropy on one batch in training mode; ``(loss, ∂L/∂gate per group)``. Only the
-        gates get gradients; BN running statistics update as in any training forward pass."""
+        gates get gradients; BN running statistics update as in any training forward pass; the
+        model is left in the mode it was in."""
         device = next(self.model.parameters()).device
         xb = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
         yb = torch.from_numpy(np.ascontiguousarray(y).astype(np.int64)).to(device)
         names = list(self.gates)
         tensors = [self.gates[n] for n in names]
+        was_training = self.model.training
         self.model.train()
         for t in tensors:
             t.requires_grad_(True)
@@ -85,6 +87,7 @@ class ChannelGates:
         finally:
             for t in tensors:
                 t.requires_grad_(False)
+            self.model.train(was_training)  # the caller's mode, as it was
         per_norm = {n: (g.detach().float().cpu().numpy() if g is not None else None) for n, g in zip(names, grads)}
         return float(loss.detach()), self.layout.split(per_norm)
 
