@@ -376,3 +376,23 @@ def test_gates_on_a_bn_over_a_concatenation(backend):
     assert small.weights_numpy()["conv_c"].shape[1] == sum(len(keep[g.name]) for g in groups
                                                           if "bn_c" in g.norms)
     np.testing.assert_allclose(small.predict(x), handle.predict(x), rtol=1e-4, atol=1e-4)
+
+
+def test_norm_gate_layout_assembles_slices_and_refuses_overlaps():
+    """One gate per norm from the groups' slices at their offsets (ones elsewhere); a group's
+    gradient sums its slices over its norms; overlapping or out-of-range slices are refused."""
+    from prunekit.decisions.channel_groups import NormGateLayout
+    from prunekit.errors import ModelError
+
+    layout = NormGateLayout({"a": (("n1", "cat"), 2, {"cat": 0}), "b": (("cat",), 3, {"cat": 3})},
+                            {"n1": 2, "cat": 7})
+    gates = layout.assemble({"a": np.array([0, 1]), "b": np.array([1, 0, 0])})
+    np.testing.assert_array_equal(gates["cat"], [0, 1, 1, 1, 0, 0, 1])
+    np.testing.assert_array_equal(gates["n1"], [0, 1])
+    grads = layout.split({"n1": np.array([1.0, 2.0]), "cat": np.arange(7.0)})
+    np.testing.assert_array_equal(grads["a"], [1.0, 3.0])
+    np.testing.assert_array_equal(grads["b"], [3.0, 4.0, 5.0])
+    with pytest.raises(ModelError, match="overlap"):
+        NormGateLayout({"a": (("cat",), 4), "b": (("cat",), 3, {"cat": 3})}, {"cat": 7})
+    with pytest.raises(ModelError, match="do not fit"):
+        NormGateLayout({"b": (("cat",), 3, {"cat": 5})}, {"cat": 7})
