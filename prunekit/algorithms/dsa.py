@@ -191,14 +191,20 @@ def final_counts(model: ChannelFlops, alpha: np.ndarray, budget: float, searchab
     return counts
 
 
-def group_importance(state: Dict[str, np.ndarray], norms: Sequence[str], rule: str = "mean") -> np.ndarray:
-    """``mean over the group's BNs of |γ|`` (float64), or ``rule="primal"``: the first BN's."""
+def group_importance(state: Dict[str, np.ndarray], norms: Sequence[str], rule: str = "mean",
+                     group=None) -> np.ndarray:
+    """``mean over the group's BNs of |γ|`` (float64), or ``rule="primal"``: the first BN's. With
+    ``group`` (a ``ChannelGroup``), each BN's scales are read at the group's channels (a BN over a
+    concatenation holds the group's channels at an offset)."""
     gammas = []
     for bn in (norms[:1] if rule == "primal" else norms):
         key = f"{bn}.weight"
         if key not in state:
             raise ModelError(f"BatchNorm {bn!r} has no scale {key!r} in the model state")
-        gammas.append(np.abs(np.asarray(state[key], dtype=np.float64)))
+        gamma = np.abs(np.asarray(state[key], dtype=np.float64)).ravel()
+        if group is not None:
+            gamma = gamma[group.in_index(bn, np.arange(group.size))]
+        gammas.append(gamma)
     return np.mean(gammas, axis=0)
 
 
@@ -309,9 +315,15 @@ class DSAPruner(Algorithm):
         self.search_steps = int(round(cfg.end_fraction * self.total_steps))
         self.final_counts = None
         factory = self._gates_factory or backend_gates(handle)
-        self.gates = factory(handle, {g.name: (tuple(g.norms), int(g.size))
+        self.gates = factory(handle, {g.name: (tuple(g.norms), int(g.size), self._norm_offsets(g))
                                       for g, s in zip(self.groups, self.searchable) if s})
         return self
+
+    @staticmethod
+    def _norm_offsets(group) -> Dict[str, int]:
+        """Where the group's channels start in each of its norms (0 unless the norm reads a concatenation)."""
+        offsets = getattr(group, "in_offsets", {}) or {}
+        return {bn: int(offsets[bn]) for bn in group.norms if bn in offsets}
 
     def _logit(self, alpha: np.ndarray) -> np.ndarray:
         a = np.clip(alpha, 1e-12, 1 - 1e-12)
@@ -327,7 +339,8 @@ class DSAPruner(Algorithm):
         idx = self._group_indices()
         scales = {key: ops.to_numpy(params[key]) for i in idx for key in (f"{bn}.weight" for bn in self.groups[i].norms)
                   if key in params}
-        return {self.groups[i].name: group_importance(scales, self.groups[i].norms, self.config.importance) for i in idx}
+        return {self.groups[i].name: group_importance(scales, self.groups[i].norms, self.config.importance, self.groups[i])
+                for i in idx}
 
     def probabilities(self, b: Dict[str, np.ndarray]) -> Dict[str, Tuple[np.ndarray, np.ndarray, float]]:
         """Per group ``(p, s′, log β₁)`` at the current ratios."""
@@ -419,7 +432,8 @@ class DSAPruner(Algorithm):
         keep, masks = {}, {}
         for i in self._group_indices():
             g = self.groups[i]
-            kept = top_channels(b[g.name], int(counts[i]))
+            kept = self._keep(g, b[g.name], int(counts[i]))
+            counts[i] = len(kept)
             keep[g.name] = kept
             m = np.zeros(g.size, dtype=np.float32)
             m[kept] = 1.0
@@ -428,6 +442,15 @@ class DSAPruner(Algorithm):
         self.keep_ratios = {self.groups[i].name: float(counts[i]) / float(self.groups[i].size)
                             for i in self._group_indices()}
         self.gates.set(masks)
+
+    @staticmethod
+    def _keep(group, b: np.ndarray, count: int) -> np.ndarray:
+        """The top ``count`` channels by ``b``; a group feeding grouped convs keeps as many in each
+        conv group (the count rounded down), a GroupNorm's keeps whole norm groups (``fit_keep``)."""
+        if getattr(group, "balanced", 1) > 1 or getattr(group, "whole", 1) > 1:
+            from prunekit.decisions.channel_groups import fit_keep
+            return np.asarray(fit_keep(group, b, count), np.int64)
+        return top_channels(b, count)
 
     def _restore_decision(self, counts: np.ndarray, keep: dict) -> None:
         """Set the channel decision of a checkpoint (counts and kept indices), as :meth:`_finalize` made it."""
@@ -462,8 +485,8 @@ class DSAPruner(Algorithm):
                 for leaf in ("weight", "bias"):
                     key = f"{bn}.{leaf}"
                     if key in state:
-                        v = state[key].copy()
-                        v[drop] = 0
+                        v = update.get(key, state[key]).copy()  # a norm over a concatenation: several groups
+                        v[g.in_index(bn, drop)] = 0
                         update[key] = v
         self.handle.load_state_numpy(update, strict=False)
         self.gates.remove()

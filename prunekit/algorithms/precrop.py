@@ -47,6 +47,7 @@ from prunekit.algorithms.registry import register_algorithm
 from prunekit.contract.layers import LayerInfo, signature
 from prunekit.decisions.pai_scores import GRASP_TEMPERATURE, ROUND_RULES, SCORES, layer_densities, score_masks
 from prunekit.decisions.plan import PruningPlan
+from prunekit.decisions.channel_groups import fit_keep
 from prunekit.decisions.selection import check_sparsity, keep_count, top_channels
 from prunekit.errors import ConfigError, ModelError
 
@@ -246,24 +247,34 @@ def match_offset(groups, layers: Sequence[LayerInfo], log_ratios: Dict[str, floa
     return lo if budget - count(lo) <= count(hi) - budget else hi
 
 
-def group_channel_scores(groups, scores: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+def group_channel_scores(groups, scores: Dict[str, np.ndarray], layers: Sequence[LayerInfo] = ()) -> Dict[str, np.ndarray]:
     """Per prunable group, each channel's summed score (float64) over the scored layers' weights
     that touch it: producers' output rows, consumers' input columns (blocks of ``spatial``
-    columns after a flatten) and depthwise filters."""
+    columns after a flatten) and depthwise filters, each read at the group's offset in that layer
+    (a concatenation, a split). A grouped conv's input columns are its groups' columns side by side
+    (``layers`` gives the conv groups; without it a layer is taken as ungrouped)."""
+    conv_groups = {l.name: int(getattr(l, "groups", 1)) for l in layers}
     out = {}
     for g in groups:
         if not g.prunable:
             continue
         total = np.zeros(g.size)
+        idx = np.arange(g.size)
         for p in g.producers + g.depthwise:
             if p in scores:
                 s = np.asarray(scores[p], np.float64)
-                total += s.reshape(s.shape[0], -1).sum(axis=1)
+                total += s.reshape(s.shape[0], -1).sum(axis=1)[g.out_index(p, idx)]
         for c in g.consumers:
             if c in scores:
                 s = np.asarray(scores[c], np.float64)
-                cols = s.sum(axis=0) if s.ndim == 2 else s.sum(axis=(0, 2, 3))
-                total += cols.reshape(g.size, -1).sum(axis=1)
+                n = conv_groups.get(c, 1)
+                if s.ndim == 2:
+                    cols = s.sum(axis=0)
+                elif n > 1 and g.in_index(c, idx).max() >= s.shape[1]:  # grouped: (G, out/G, in/G, ...) -> in
+                    cols = s.reshape(n, s.shape[0] // n, s.shape[1], -1).sum(axis=(1, 3)).ravel()
+                else:
+                    cols = s.sum(axis=(0, 2, 3))
+                total += cols[g.in_index(c, idx)].reshape(g.size, -1).sum(axis=1)
         out[g.name] = total
     return out
 
@@ -288,8 +299,15 @@ def plan_channels(groups, layers: Sequence[LayerInfo], densities: Dict[str, floa
     x = solve_log_ratios(groups, layers, densities)
     offset = match_offset(groups, layers, x, budget) if match_params else 0.0
     counts = channel_counts(groups, x, offset)
-    chan = group_channel_scores(groups, scores)
-    keep = {g: top_channels(chan[g], k) for g, k in counts.items() if k < len(chan[g])}
+    chan = group_channel_scores(groups, scores, layers)
+    by_name = {g.name: g for g in groups}
+    keep = {}
+    for name, k in counts.items():
+        if k < len(chan[name]):
+            kept = fit_keep(by_name[name], chan[name], k)  # as many per conv group, whole GroupNorm groups
+            counts[name] = len(kept)
+            if len(kept) < len(chan[name]):
+                keep[name] = kept
     geometry = layer_groups(groups, layers)
     return ChannelPlan(x, offset, counts, keep, int(budget), kept_weight_count(layers, geometry, counts))
 

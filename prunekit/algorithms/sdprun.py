@@ -289,6 +289,27 @@ class SDPrunPruner(Algorithm):
         return np.any(w.reshape(w.shape[0], -1) != 0, axis=1)
 
     # ------------------------------------------------------------------ decisions
+    @staticmethod
+    def _fit(group, alive: np.ndarray, strength: np.ndarray) -> np.ndarray:
+        """``alive`` widened to a keep the group's structure allows: as many in every block of a
+        group feeding grouped convs (the most alive in any block), whole blocks of a GroupNorm
+        (every block holding an alive channel). Channels kept only for that are kept as they are."""
+        balanced, whole = int(getattr(group, "balanced", 1)), int(getattr(group, "whole", 1))
+        if balanced <= 1 and whole <= 1:
+            return alive
+        from prunekit.decisions.channel_groups import fit_keep
+        score = np.where(alive, 1.0 + strength, strength / (1.0 + strength.max()))  # alive channels first
+        if whole > 1:
+            count = int(alive.reshape(-1, whole).any(axis=1).sum()) * whole
+        else:
+            count = int(alive.reshape(balanced, -1).sum(axis=1).max()) * balanced
+        out = np.zeros_like(alive)
+        out[fit_keep(group, score, count)] = True
+        if (alive & ~out).any():
+            raise ModelError(f"sDprun: group {group.name!r} cannot keep its nonzero channels in equal blocks "
+                             f"(balanced={balanced}, whole={whole})")
+        return out
+
     def finish(self) -> None:
         """Channel decisions: a channel goes when it is zero in every producer of its group; its
         biases, BN scale/shift and depthwise filters are zeroed so the model equals the compacted one."""
@@ -308,13 +329,17 @@ class SDPrunPruner(Algorithm):
             if not prods:
                 continue
             alive = np.zeros(g.size, bool)
+            rows = {p: g.out_index(p, np.arange(g.size)) for p in g.producers}
             for p in g.producers:
-                alive |= nonzero[p] if p in nonzero else True
+                alive |= nonzero[p][rows[p]] if p in nonzero else True
+            strength = np.zeros(g.size)
+            for p in prods:
+                acc = self.uops.to_numpy(self.acc[p]).astype(np.float64)
+                strength += np.square(acc.reshape(acc.shape[0], -1)[rows[p]]).sum(axis=1)
             if not alive.any():  # never empty a group: keep its channel of largest accumulator norm
-                norm, _ = group_norms(self.uops, [self.acc[p] for p in prods])
-                best = int(np.argmax(self.uops.to_numpy(norm).astype(np.float64)))
-                alive[best] = True
+                alive[int(np.argmax(strength))] = True
                 forced.append(g.name)
+            alive = self._fit(g, alive, strength)
             kept = np.flatnonzero(alive)
             keep[g.name] = kept
             channels_total += g.size
@@ -324,10 +349,13 @@ class SDPrunPruner(Algorithm):
                 names = [f"{p}.bias" for p in g.producers] + [f"{d}.weight" for d in g.depthwise]
                 names += [f"{d}.bias" for d in g.depthwise]
                 names += [f"{b}.{k}" for b in g.norms for k in ("weight", "bias")]
+                idx = np.flatnonzero(gone)
                 for key in names:
                     if key in state:
+                        layer = key.rsplit(".", 1)[0]
+                        at = g.in_index(layer, idx) if layer in g.norms else g.out_index(layer, idx)
                         arr = np.array(state[key], copy=True)
-                        arr[gone] = 0
+                        arr[at] = 0
                         state[key] = arr
                         changed = True
         if changed:
@@ -339,8 +367,11 @@ class SDPrunPruner(Algorithm):
             row = None
             for g in self.groups:
                 if l.name in g.producers and g.name in keep:
-                    row = np.zeros(g.size, np.float32)
-                    row[keep[g.name]] = 1.0
+                    if row is None:
+                        row = np.ones(l.weight_shape[0], np.float32)
+                    part = np.zeros(g.size, np.float32)
+                    part[keep[g.name]] = 1.0
+                    row[g.out_index(l.name, np.arange(g.size))] = part
             if row is None:
                 continue
             m = np.broadcast_to(row.reshape((-1,) + (1,) * (len(l.weight_shape) - 1)), l.weight_shape)

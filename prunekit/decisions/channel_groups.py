@@ -697,3 +697,69 @@ def masked_state(state: Dict[str, np.ndarray], groups: Sequence[ChannelGroup],
         if key in out:
             out[key][removed] = 0
     return out
+
+
+class NormGateLayout:
+    """Where each group's channels sit in the norm layers that carry them, for per-channel gates
+    (DSA) multiplied onto norm outputs: one gate vector per norm, assembled from the slices of
+    every gated group it normalises (a norm over a concatenation holds several groups, each at its
+    offset); channels of a norm that no gated group holds keep a gate of 1.
+
+    ``groups``: ``{group name: (norm names, size)}`` or ``(norm names, size, {norm: offset})``;
+    ``norm_channels``: ``{norm name: channels}`` as the backend reads them from the model."""
+
+    def __init__(self, groups, norm_channels: Dict[str, int]):
+        self.sizes: Dict[str, int] = {}
+        #: norm -> [(group name, offset, size)] in offset order
+        self.pieces: Dict[str, List[Tuple[str, int, int]]] = {}
+        for name, spec in groups.items():
+            norms, size = spec[0], int(spec[1])
+            offsets = dict(spec[2]) if len(spec) > 2 and spec[2] else {}
+            self.sizes[name] = size
+            for norm in norms:
+                if norm not in norm_channels:
+                    raise ModelError(f"channel group {name!r} names norm layer {norm!r}, which the model does not have")
+                first = int(offsets.get(norm, 0))
+                if first < 0 or first + size > int(norm_channels[norm]):
+                    raise ModelError(f"channel group {name!r}: channels {first}..{first + size - 1} do not fit norm "
+                                     f"{norm!r} with {norm_channels[norm]} channels")
+                self.pieces.setdefault(norm, []).append((name, first, size))
+        self.channels = {n: int(norm_channels[n]) for n in self.pieces}
+        for norm, parts in self.pieces.items():
+            parts.sort(key=lambda p: p[1])
+            for (a, fa, na), (b, fb, _) in zip(parts, parts[1:]):
+                if fb < fa + na:
+                    raise ModelError(f"norm {norm!r}: channel groups {a!r} and {b!r} overlap (channels from {fb}); "
+                                     "a channel can carry one gate only")
+
+    def assemble(self, values: Dict[str, np.ndarray], current: Optional[Dict[str, np.ndarray]] = None
+                 ) -> Dict[str, np.ndarray]:
+        """Per norm touched by ``values``, its whole gate vector (float32): ``current`` (or ones)
+        with each given group's values written at its offset."""
+        out: Dict[str, np.ndarray] = {}
+        for norm, parts in self.pieces.items():
+            if not any(g in values for g, _, _ in parts):
+                continue
+            base = current.get(norm) if current is not None else None
+            vec = np.ones(self.channels[norm], np.float32) if base is None else np.array(base, np.float32, copy=True)
+            for g, first, size in parts:
+                if g in values:
+                    v = np.asarray(values[g], np.float32).ravel()
+                    if v.size != size:
+                        raise ModelError(f"gate of group {g!r} has {v.size} values, the group {size} channels")
+                    vec[first:first + size] = v
+            out[norm] = vec
+        return out
+
+    def split(self, norm_grads: Dict[str, Optional[np.ndarray]]) -> Dict[str, np.ndarray]:
+        """Per group, the sum over its norms of the gradient at its slice (the group's channels
+        share one mask, so its gradient is the sum over the places it is applied)."""
+        out = {g: np.zeros(n, np.float32) for g, n in self.sizes.items()}
+        for norm, parts in self.pieces.items():
+            grad = norm_grads.get(norm)
+            if grad is None:
+                continue
+            grad = np.asarray(grad, np.float32).ravel()
+            for g, first, size in parts:
+                out[g] += grad[first:first + size]
+        return out

@@ -277,3 +277,122 @@ def test_job_runs_dsa_and_reports_the_compacted_model(tmp_path):
     assert {k: len(v) for k, v in plan.kept_channels.items()} == {k: v["kept"] for k, v in section["groups"].items()}
     with pytest.raises(ConfigError, match="budget"):
         RunConfig(algorithm="dsa", params={"budget": 2.0}).validate()
+
+
+# ----------------------------------------------------------------------------- a BN over a concatenation
+def _concat_net(backend_name):
+    """Two conv+BN branches concatenated and normalised by one BN (like DenseNet's), then a conv
+    and a classifier: the concatenation's BN holds two channel groups, at offsets 0 and 4."""
+    if backend_name == "torch":
+        import torch
+        from torch import nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv_a, self.bn_a = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+                self.conv_b, self.bn_b = nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+                self.bn_c = nn.BatchNorm2d(10)
+                self.conv_c, self.bn_d = nn.Conv2d(10, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+                self.fc = nn.Linear(8, 10)
+
+            def forward(self, x):
+                y = torch.cat([torch.relu(self.bn_a(self.conv_a(x))), torch.relu(self.bn_b(self.conv_b(x)))], 1)
+                y = torch.relu(self.bn_d(self.conv_c(torch.relu(self.bn_c(y)))))
+                return self.fc(y.mean(dim=(2, 3)))
+
+        torch.manual_seed(0)
+        return Net().eval()
+    import mindspore as ms
+    from mindspore import nn, ops
+
+    class Net(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.conv_a, self.bn_a = nn.Conv2d(3, 4, 3, pad_mode="same"), nn.BatchNorm2d(4)
+            self.conv_b, self.bn_b = nn.Conv2d(3, 6, 3, pad_mode="same"), nn.BatchNorm2d(6)
+            self.bn_c = nn.BatchNorm2d(10)
+            self.conv_c, self.bn_d = nn.Conv2d(10, 8, 3, pad_mode="same"), nn.BatchNorm2d(8)
+            self.fc = nn.Dense(8, 10)
+            self.relu = nn.ReLU()
+
+        def construct(self, x):
+            y = ops.concat((self.relu(self.bn_a(self.conv_a(x))), self.relu(self.bn_b(self.conv_b(x)))), 1)
+            y = self.relu(self.bn_d(self.conv_c(self.relu(self.bn_c(y)))))
+            return self.fc(y.mean(axis=(2, 3)))
+
+    ms.set_seed(0)
+    net = Net()
+    net.set_train(False)
+    return net
+
+
+def test_gates_on_a_bn_over_a_concatenation(backend):
+    """Each group's gate sits at its offset in the concatenation's BN: gating equals zeroing the
+    BN scale and shift at those channels, a group's gradient sums its slices over its BNs, and DSA
+    runs, folds and compacts into a model that computes what the gated model computes."""
+    handle = backend.wrap(_concat_net(backend.name), (3, 8, 8), "concat_net")
+    state = handle.state_numpy()
+    r = np.random.default_rng(3)
+    for bn in ("bn_a", "bn_b", "bn_c", "bn_d"):  # scales and shifts away from (1, 0)
+        for leaf, base in (("weight", 0.5), ("bias", -0.2)):
+            key = f"{bn}.{leaf}"
+            state[key] = (base + r.random(state[key].shape)).astype(np.float32)
+    handle.load_state_numpy(state)
+    groups = [g for g in find_channel_groups(handle) if g.prunable and g.norms]
+    by_norm = {(bn, g.in_offsets.get(bn, 0)): g.name for g in groups for bn in g.norms}
+    assert {k for k in by_norm if k[0] == "bn_c"} == {("bn_c", 0), ("bn_c", 4)}
+    x = r.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    gates = backend.channel_gates(handle, {g.name: (g.norms, g.size, {bn: g.in_offsets.get(bn, 0) for bn in g.norms})
+                                           for g in groups})
+    masks = {g.name: (np.arange(g.size) % 2 == 1).astype(np.float32) for g in groups}
+    gates.set(masks)
+    gated = handle.predict(x)
+    _, grads = gates.gradients(x, np.array([1, 2]))
+    assert {k: v.shape for k, v in grads.items()} == {g.name: (g.size,) for g in groups}
+    assert all(np.abs(v).sum() > 0 for v in grads.values())
+    gates.remove()
+    folded = dict(state)
+    for g in groups:
+        for bn in g.norms:
+            for leaf in ("weight", "bias"):
+                v = folded[f"{bn}.{leaf}"].copy()
+                first = g.in_offsets.get(bn, 0)
+                v[first:first + g.size] *= masks[g.name]
+                folded[f"{bn}.{leaf}"] = v
+    handle.load_state_numpy(folded)
+    np.testing.assert_allclose(gated, handle.predict(x), rtol=1e-5, atol=1e-5)
+    handle.load_state_numpy(state)
+    # the whole algorithm: one α step, then fixed channels, folded and compacted
+    algo = DSAPruner(DSAConfig(budget=0.5, end_fraction=0.5), groups=groups)
+    algo.validation = iter([(x, np.array([1, 2]))] * 4)
+    algo.bind(handle, 2)
+    algo.before_step(0)
+    algo.before_step(1)
+    algo.finish()
+    keep = algo.channel_keep
+    assert any(len(keep[g.name]) < g.size for g in groups)
+    small = backend.compact(handle, keep)
+    assert small.weights_numpy()["conv_c"].shape[1] == sum(len(keep[g.name]) for g in groups
+                                                          if "bn_c" in g.norms)
+    np.testing.assert_allclose(small.predict(x), handle.predict(x), rtol=1e-4, atol=1e-4)
+
+
+def test_norm_gate_layout_assembles_slices_and_refuses_overlaps():
+    """One gate per norm from the groups' slices at their offsets (ones elsewhere); a group's
+    gradient sums its slices over its norms; overlapping or out-of-range slices are refused."""
+    from prunekit.decisions.channel_groups import NormGateLayout
+    from prunekit.errors import ModelError
+
+    layout = NormGateLayout({"a": (("n1", "cat"), 2, {"cat": 0}), "b": (("cat",), 3, {"cat": 3})},
+                            {"n1": 2, "cat": 7})
+    gates = layout.assemble({"a": np.array([0, 1]), "b": np.array([1, 0, 0])})
+    np.testing.assert_array_equal(gates["cat"], [0, 1, 1, 1, 0, 0, 1])
+    np.testing.assert_array_equal(gates["n1"], [0, 1])
+    grads = layout.split({"n1": np.array([1.0, 2.0]), "cat": np.arange(7.0)})
+    np.testing.assert_array_equal(grads["a"], [1.0, 3.0])
+    np.testing.assert_array_equal(grads["b"], [3.0, 4.0, 5.0])
+    with pytest.raises(ModelError, match="overlap"):
+        NormGateLayout({"a": (("cat",), 4), "b": (("cat",), 3, {"cat": 3})}, {"cat": 7})
+    with pytest.raises(ModelError, match="do not fit"):
+        NormGateLayout({"b": (("cat",), 3, {"cat": 5})}, {"cat": 7})

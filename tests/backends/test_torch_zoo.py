@@ -3,7 +3,8 @@ initialised, at 32x32, batch 2, one or two steps each. For every model: unstruct
 and RPG prune it (pruned weights exactly zero), channel groups are found (or refused with a
 ModelError), the channel baseline reaches half the MACs, and the compacted model computes what
 the masked model computes within 1e-4 relative; or prunekit refuses with a ModelError. No
-other exception is acceptable. DSA, sDprun and PreCropping run on two real CNNs.
+other exception is acceptable. DSA, sDprun and PreCropping run on two real CNNs here, and with the
+channel baseline on six of every structure in test_torch_zoo_algorithms.py.
 
 Models whose layout prunekit does not prune channel-wise (channels-last blocks, tokens) are listed
 in ``REFUSAL_OK``: a ModelError is the right answer for them; for any other model a refusal fails.
