@@ -167,7 +167,7 @@ def test_job_compacts_and_reports(backend, tmp_path):
     # the settings that produced the run, defaults filled in, in both report files
     assert saved["algorithm_config"] == report["algorithm_config"]
     assert report["algorithm_config"]["keep_ratio"] == 0.5 and report["algorithm_config"]["allocation"] == "global"
-    assert "| channel setting | value |" in (out / "report.md").read_text()
+    assert "| channel setting (effective) | value |" in (out / "report.md").read_text()
 
 
 def test_latency_batch_setting(tmp_path):

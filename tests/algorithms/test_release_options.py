@@ -260,7 +260,7 @@ def test_dsa_importance_primal_reads_the_groups_first_batchnorm(monkeypatch):
 
     rules = []
     real = dsa.group_importance
-    monkeypatch.setattr(dsa, "group_importance", lambda s, n, rule="mean": rules.append(rule) or real(s, n, rule))
+    monkeypatch.setattr(dsa, "group_importance", lambda s, n, rule="mean", group=None: rules.append(rule) or real(s, n, rule, group))
     make_algorithm("dsa", importance="primal").bind(_torch_handle("resnet20"), 10).importance()
     assert rules and set(rules) == {"primal"}
     with pytest.raises(ConfigError, match="importance"):
