@@ -29,8 +29,8 @@ import mindspore as ms
 import mindspore.nn as nn
 
 from prunekit.decisions.channel_groups import find_channel_groups, zeroed_entries
-from prunekit.decisions.compaction import (LayerCut, compaction_cuts, first_disagreement, grouped_columns,
-                                           narrowed_modules, tolerance)
+from prunekit.decisions.compaction import (LayerCut, compaction_cuts, grouped_columns, refuse_disagreement,
+                                           narrowed_modules)
 from prunekit.errors import ModelError
 
 from .layers import _BN, PRUNABLE, MindSporeModelHandle, probe_mode
@@ -150,15 +150,7 @@ def check_compacted(handle: MindSporeModelHandle, small: nn.Cell, cuts, groups, 
     ref, order = _layer_outputs(masked.model, x)
     got, _ = _layer_outputs(small, x)
     dtype = next(iter(handle.model.get_parameters())).dtype
-    tol = tolerance(str(dtype))
-    bad = first_disagreement(cuts, ref, got, order, tol)
-    if bad is not None:
-        layer, diff = bad
-        where = "the model's output" if layer == "<output>" else f"layer {layer!r}"
-        raise ModelError(f"compaction of {handle.model_name!r} refused: the compacted model's {where} differs from "
-                         f"the masked model's by {diff:.3g} relative (tolerance {tol:g}); an operation between "
-                         "the layers does not map removed (zero) channels to zero or mixes channels the "
-                         "groups did not see. The model is unchanged")
+    refuse_disagreement(handle.model_name, cuts, ref, got, order, str(dtype))
 
 
 def compact(handle: MindSporeModelHandle, keep: Dict[str, Sequence[int]], check: bool = True) -> MindSporeModelHandle:

@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 
 from prunekit.decisions.channel_groups import find_channel_groups, zeroed_entries
-from prunekit.decisions.compaction import (LayerCut, compaction_cuts, first_disagreement, grouped_columns,
-                                           narrowed_modules, tolerance)
+from prunekit.decisions.compaction import (LayerCut, compaction_cuts, grouped_columns, refuse_disagreement,
+                                           narrowed_modules)
 from prunekit.errors import ModelError
 
 from .layers import PRUNABLE, TorchModelHandle, model_dtype
@@ -165,15 +165,7 @@ def check_compacted(handle: TorchModelHandle, small: nn.Module, cuts, groups, ke
         x = x.contiguous(memory_format=torch.channels_last)
     ref, order = _layer_outputs(masked, x)
     got, _ = _layer_outputs(small, x)
-    tol = tolerance(str(model_dtype(handle.model)))
-    bad = first_disagreement(cuts, ref, got, order, tol)
-    if bad is not None:
-        layer, diff = bad
-        where = "the model's output" if layer == "<output>" else f"layer {layer!r}"
-        raise ModelError(f"compaction of {handle.model_name!r} refused: the compacted model's {where} differs from "
-                         f"the masked model's by {diff:.3g} relative (tolerance {tol:g}); an operation between "
-                         "the layers does not map removed (zero) channels to zero or mixes channels the "
-                         "groups did not see. The model is unchanged")
+    refuse_disagreement(handle.model_name, cuts, ref, got, order, str(model_dtype(handle.model)))
 
 
 def compact(handle: TorchModelHandle, keep: Dict[str, Sequence[int]], check: bool = True) -> TorchModelHandle:

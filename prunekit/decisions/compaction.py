@@ -20,6 +20,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from prunekit.errors import ModelError
 from prunekit.decisions.channel_groups import check_keep, find_channel_groups, layer_slices
 
 
@@ -111,6 +112,21 @@ def first_disagreement(cuts: CompactionCuts, masked: Dict[str, np.ndarray], comp
 
 
 NarrowLayer = Callable[[object, LayerCut], object]
+
+
+def refuse_disagreement(model_name: str, cuts: CompactionCuts, masked: Dict[str, np.ndarray],
+                        compacted: Dict[str, np.ndarray], order: Sequence[str], dtype_name: str) -> None:
+    """Raise :class:`ModelError` naming the first layer where the compacted model's outputs differ
+    from the masked model's beyond the dtype's :func:`tolerance` (both backends' compaction check)."""
+    tol = tolerance(dtype_name)
+    bad = first_disagreement(cuts, masked, compacted, order, tol)
+    if bad is not None:
+        layer, diff = bad
+        where = "the model's output" if layer == "<output>" else f"layer {layer!r}"
+        raise ModelError(f"compaction of {model_name!r} refused: the compacted model's {where} differs from "
+                         f"the masked model's by {diff:.3g} relative (tolerance {tol:g}); an operation between "
+                         "the layers does not map removed (zero) channels to zero or mixes channels the "
+                         "groups did not see. The model is unchanged")
 
 
 def narrowed_modules(cuts: CompactionCuts, modules: Dict[str, object], narrow_conv: NarrowLayer,
