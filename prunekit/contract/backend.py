@@ -146,8 +146,8 @@ class Backend(abc.ABC):
     def probe_channels(self, handle, perturb: Dict[Optional[str], Tuple[int, np.ndarray]],
                        rows: int) -> Dict[str, np.ndarray]:
         """One eval-mode probe forward of ``rows`` rows (see
-        :mod:`prunekit.decisions.channel_groups`): conv/linear outputs zeroed and BatchNorms made
-        the identity; ``perturb`` maps a producer (a layer name, or None for the image) to
+        :mod:`prunekit.decisions.channel_groups`): conv/linear outputs replaced by the constant
+        ``PROBE_BASE`` (so multiplicative gates pass the signal) and norms made the identity; ``perturb`` maps a producer (a layer name, or None for the image) to
         ``(first row, codes)``, codes of shape (rows of that producer, its channels) added to its
         output. Returns, for every conv/linear/BatchNorm input (by module name) and for the
         model's output (:data:`prunekit.decisions.channel_groups.OUTPUT`), a boolean array
