@@ -34,6 +34,10 @@ class MindSporeBackend(DelegatingBackend):
         check_device(device)
         return super()._build_model(name, num_classes, in_channels, width, device)
 
+    def owns_model(self, model) -> bool:
+        import mindspore
+        return isinstance(model, mindspore.nn.Cell)
+
     # ------------------------------------------------------------------ data parallel (msrun)
     def launched(self, env: Optional[Mapping[str, str]] = None) -> bool:
         env = os.environ if env is None else env

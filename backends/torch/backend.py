@@ -30,6 +30,10 @@ class TorchBackend(DelegatingBackend):
             model.to(device)
         return model
 
+    def owns_model(self, model) -> bool:
+        import torch
+        return isinstance(model, torch.nn.Module)
+
     # ------------------------------------------------------------------ data parallel (torchrun)
     def launched(self, env: Optional[Mapping[str, str]] = None) -> bool:
         env = os.environ if env is None else env

@@ -3,19 +3,21 @@
 Prune a model's channel groups to a MACs (or channel) target and return the narrower dense
 model, without training, in one call::
 
-    import torchvision, prunekit
-    model = torchvision.models.resnet18(weights="DEFAULT")
     small = prunekit.prune_channels(model, input_shape=(3, 224, 224), macs_kept=0.5)
+
+(``model``: a network of a registered backend's framework, e.g. an ImageNet CNN; README has the
+three lines for one zoo.)
 
 It is the channel baseline's decision (:mod:`prunekit.algorithms.channel`: every setting of it
 is accepted here, validated through the algorithm registry) followed by the backend's
-compaction; the given model is left as it was (no mask is applied to it). The backend is found
-from the model's class (the backend whose framework defines one of its base classes) unless
-``backend`` names one. Importances that need gradients (``taylor``) need a training step and
+compaction; the given model is left as it was (no mask is applied to it). The backend is the
+one that owns the model (``Backend.owns_model``, asked of the backends whose framework this
+process has imported) unless ``backend`` names one. Importances that need gradients (``taylor``) need a training step and
 are refused here: use the algorithm in a training loop (``PruningSession``) instead.
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional, Sequence
 
 from prunekit.algorithms.registry import make_algorithm
@@ -25,11 +27,11 @@ from prunekit.errors import ConfigError, ModelError
 
 
 def backend_for_model(model) -> str:
-    """The name of the registered backend whose framework defines one of ``model``'s base
-    classes; a :class:`ModelError` when none does."""
-    roots = {c.__module__.split(".")[0] for c in type(model).__mro__}
+    """The name of the registered backend that owns ``model`` (``Backend.owns_model``); only
+    backends whose framework is already imported are asked (a model implies its framework is
+    loaded), so no other framework is imported. A :class:`ModelError` when none owns it."""
     for spec in backend_specs():
-        if spec.framework in roots:
+        if spec.framework in sys.modules and get_backend(spec.name).owns_model(model):
             return spec.name
     raise ModelError(f"no registered backend knows a model of type {type(model).__name__}; "
                      "pass backend= or wrap it with a backend's wrap()")

@@ -91,6 +91,11 @@ class Backend(abc.ABC):
         """A :class:`ModelHandle` for a user's own network ``model`` (a framework module) taking
         inputs of ``input_shape`` (C, H, W); its weights are left as they are."""
 
+    def owns_model(self, model: Any) -> bool:
+        """Whether ``model`` is a network of this backend's framework (what :meth:`wrap` takes).
+        The default knows none: a backend that wraps user models says so."""
+        return False
+
     def source_model_handle(self, source, num_classes: int, in_channels: int, image_size: int, seed: int = 0,
                             device: Optional[str] = None):
         """A :class:`ModelHandle` for a model named by a source other than the reference models

@@ -208,3 +208,15 @@ def test_one_shot_prune_a_torchvision_model(resnet18):
     with pytest.raises(ModelError, match="no registered backend"):
         prunekit.prune_channels(object(), (3, 32, 32))
     assert set(IMPORTANCES) == {"l1", "l2", "bn_scale", "taylor", "lamp"}
+
+
+def test_one_shot_finds_the_backend_that_owns_the_model():
+    import mindspore.nn as msnn
+    import torch.nn as tnn
+
+    from prunekit.app.oneshot import backend_for_model
+
+    assert backend_for_model(tnn.Conv2d(3, 4, 3)) == "torch"
+    assert backend_for_model(msnn.Conv2d(3, 4, 3)) == "mindspore"
+    with pytest.raises(ModelError, match="no registered backend"):
+        backend_for_model(object())
